@@ -12,7 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_trainer(*args: str, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+def run_trainer(
+    *args: str, cwd: Path | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess:
     """Run ``python -m trainer ARGS`` as a user would, returning the completed process."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(

@@ -98,7 +98,9 @@ class ModelCard:
         except (KeyError, TypeError, ValueError) as exc:
             raise ArchiveError(f"card preprocess section is invalid: {exc}") from exc
         if spec.channels != self.in_chans:
-            raise ArchiveError(f"preprocess gives {spec.channels} channels, model takes {self.in_chans}")
+            raise ArchiveError(
+                f"preprocess gives {spec.channels} channels, model takes {self.in_chans}"
+            )
         if not (0.01 <= float(self.temperature) <= 100.0):
             raise ArchiveError(f"temperature {self.temperature} out of range")
 
@@ -107,7 +109,7 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelCard:
-        known = {f for f in cls.__dataclass_fields__}
+        known = set(cls.__dataclass_fields__)
         try:
             return cls(**{k: v for k, v in data.items() if k in known})
         except TypeError as exc:

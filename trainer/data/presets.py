@@ -1,0 +1,136 @@
+"""Train and eval preprocessing presets, built from one ``PreprocessSpec``.
+
+The spec is stored in every model card, and the service builds its eval preset from the card
+with this same module, so training, evaluation and serving preprocess images identically.
+This module imports only torch/torchvision: it is also packed into archives for TorchServe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torchvision.transforms import InterpolationMode, v2
+
+ResizeMode = Literal["squash", "shorter_side"]
+Augment = Literal["none", "standard", "strong"]
+AUGMENTS: tuple[str, ...] = ("none", "standard", "strong")
+
+_INTERPOLATIONS = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "nearest": InterpolationMode.NEAREST,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreprocessSpec:
+    """How a decoded image becomes the model's input tensor.
+
+    - ``color_mode``: "L" (1 channel) or "RGB" (3 channels): images are converted to it first.
+    - ``resize_mode``: "squash" resizes straight to ``input_size`` (small datasets whose images
+      are already the right shape); "shorter_side" resizes the shorter side to ``resize_size``
+      and centre-crops ``input_size`` (ImageNet style: 256 -> 224).
+    """
+
+    input_size: tuple[int, int]
+    color_mode: Literal["L", "RGB"]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize_mode: ResizeMode = "squash"
+    resize_size: int | None = None
+    interpolation: str = "bilinear"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        channels = 1 if self.color_mode == "L" else 3
+        if self.color_mode not in ("L", "RGB"):
+            raise ValueError(f"color_mode must be 'L' or 'RGB', not {self.color_mode!r}")
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(f"mean/std need {channels} values for color_mode {self.color_mode}")
+        if self.resize_mode not in ("squash", "shorter_side"):
+            raise ValueError(f"unknown resize_mode {self.resize_mode!r}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}")
+        if len(self.input_size) != 2 or min(self.input_size) < 1:
+            raise ValueError(f"input_size must be [H, W], not {self.input_size!r}")
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color_mode == "L" else 3
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["input_size"] = list(self.input_size)
+        data["mean"] = list(self.mean)
+        data["std"] = list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessSpec:
+        return cls(
+            input_size=(int(data["input_size"][0]), int(data["input_size"][1])),
+            color_mode=data["color_mode"],
+            mean=tuple(float(x) for x in data["mean"]),
+            std=tuple(float(x) for x in data["std"]),
+            resize_mode=data.get("resize_mode", "squash"),
+            resize_size=data.get("resize_size"),
+            interpolation=data.get("interpolation", "bilinear"),
+            extra=dict(data.get("extra", {})),
+        )
+
+
+def _resize_steps(spec: PreprocessSpec) -> list[v2.Transform]:
+    interpolation = _INTERPOLATIONS[spec.interpolation]
+    if spec.resize_mode == "squash":
+        return [v2.Resize(list(spec.input_size), interpolation=interpolation, antialias=True)]
+    shorter = spec.resize_size or int(round(min(spec.input_size) / 0.875))
+    return [
+        v2.Resize(shorter, interpolation=interpolation, antialias=True),
+        v2.CenterCrop(list(spec.input_size)),
+    ]
+
+
+def _normalize_steps(spec: PreprocessSpec) -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))]
+
+
+class EvalPreset:
+    """uint8 image tensor [C, H, W] (C matching ``spec.color_mode``) -> normalised float input."""
+
+    def __init__(self, spec: PreprocessSpec) -> None:
+        self.spec = spec
+        self.transforms = v2.Compose([*_resize_steps(spec), *_normalize_steps(spec)])
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.transforms(image)
+
+
+class TrainPreset:
+    """Eval preprocessing plus augmentation: none, standard (crop + flip) or strong.
+
+    ``hflip`` is off for datasets where mirroring changes the class (digits).
+    """
+
+    def __init__(self, spec: PreprocessSpec, *, augment: Augment = "standard", hflip: bool = True):
+        if augment not in AUGMENTS:
+            raise ValueError(f"unknown augmentation preset {augment!r}; choose from {AUGMENTS}")
+        self.spec = spec
+        height, width = spec.input_size
+        steps: list[v2.Transform] = [*_resize_steps(spec)]
+        if augment in ("standard", "strong"):
+            pad = max(2, round(min(height, width) / 8))
+            steps.append(v2.RandomCrop([height, width], padding=pad, padding_mode="reflect"))
+            if hflip:
+                steps.append(v2.RandomHorizontalFlip())
+        if augment == "strong":
+            steps.append(v2.RandomRotation(15))
+            steps.append(v2.ColorJitter(brightness=0.3, contrast=0.3))
+        steps.extend(_normalize_steps(spec))
+        if augment == "strong":
+            steps.append(v2.RandomErasing(p=0.25))
+        self.transforms = v2.Compose(steps)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.transforms(image)
