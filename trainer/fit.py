@@ -239,11 +239,16 @@ class Trainer:
 
 
 def _log_data(bundle) -> None:
-    imbalance = bundle.imbalance("train")
+    from .data.datasets import imbalance_report
+
+    totals = [
+        sum(split[i] for split in bundle.class_counts.values()) for i in range(len(bundle.labels))
+    ]
+    imbalance = imbalance_report(totals, bundle.labels)
     log.info(
-        "train class counts: %s (largest/smallest ratio %s)",
+        "class counts (all splits): %s, largest/smallest ratio %s",
         imbalance["counts"],
-        imbalance.get("ratio"),
+        imbalance["ratio"],
     )
     if bundle.skipped_files:
         log.warning("skipped %d unreadable file(s):", bundle.skipped_files)
