@@ -158,7 +158,8 @@ def _torchserve_sources() -> dict[str, bytes]:
     files["mar_code/__init__.py"] = b""
     files["mar_code/presets.py"] = (root / "data" / "presets.py").read_bytes()
     for source in sorted((root / "models").glob("*.py")):
-        files[f"mar_code/models/{source.name}"] = source.read_bytes()
+        if source.name != "pretrained.py":  # training-only (imports trainer.errors)
+            files[f"mar_code/models/{source.name}"] = source.read_bytes()
     return files
 
 
@@ -184,6 +185,7 @@ def write_archive(
             zf.writestr(WEIGHTS_NAME, weights, compress_type=zipfile.ZIP_STORED)
             for member, content in _torchserve_sources().items():
                 zf.writestr(member, content)
+        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; servers often run as another user
         os.replace(tmp_name, target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

@@ -132,7 +132,7 @@ def test_ddp_two_cpu_processes_on_gloo(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "-m", "trainer", "fit", *QUICK, "--epochs", "2", "--runs-dir", str(runs),
             "--archive", "ddp", "--model-store", str(tmp_path / "store"), "--progress", "lines",
         ],
