@@ -29,11 +29,11 @@ def run_trainer(
 
 @pytest.fixture(scope="session")
 def digits_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model store with ``digits-v1.mar``: a ResNet-20 trained briefly on digits by the CLI."""
+    """A model store with ``digits-v1.mar``: a ResNet-20 trained briefly (4 epochs) on digits by the CLI."""
     root = tmp_path_factory.mktemp("digits_store")
     store = root / "model_store"
     proc = run_trainer(
-        "fit", "--dataset", "digits", "--arch", "resnet20", "--epochs", "3",
+        "fit", "--dataset", "digits", "--arch", "resnet20", "--epochs", "4",
         "--archive", "digits", "--model-store", str(store), "--runs-dir", str(root / "runs"),
         "--seed", "0",
     )  # fmt: skip

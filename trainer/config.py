@@ -68,11 +68,14 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    optimizer: str = "sgd"
-    lr: float = 0.05
+    # The defaults are the recipe for the digits default (>= 98% test accuracy in 15 epochs:
+    # AdamW converged in fewer steps than SGD there, with only 10 batches per epoch). For
+    # CIFAR-style training use --optimizer sgd --lr 0.1 --weight-decay 5e-4.
+    optimizer: str = "adamw"
+    lr: float = 0.003
     momentum: float = 0.9
     nesterov: bool = True
-    weight_decay: float = 5e-4
+    weight_decay: float = 0.05
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     loss: str = "ce"

@@ -1,0 +1,136 @@
+"""Model listing (open) and management (``ADMIN_API_KEY``, ``Authorization: Bearer <key>``).
+
+- ``GET /models``: every loaded, loading or failed version (``detail`` says why when not ready);
+- ``GET /models/{name}``: ``{"name", "default_version", "versions": [...]}``;
+- ``POST /models`` ``{"file": "<name>.mar"}``: register an archive already in MODEL_STORE
+  (a bare file name: paths, traversal and URLs -> 422); answers once it is warmed up;
+- ``DELETE /models/{name}/{version}``: stop routing to it, drain its queue, unload it;
+- ``PUT /models/{name}/default`` ``{"version": "2"}``: the version answering by default.
+
+Management bodies are parsed after the key check, so a request without the key learns nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import orjson
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ValidationError
+from starlette.responses import Response
+
+from ...errors import InvalidRequest
+from ...schemas import (
+    DefaultVersionRequest,
+    ErrorResponse,
+    ModelInfo,
+    ModelsResponse,
+    ModelVersions,
+    RegisterRequest,
+    UnloadResponse,
+)
+from ..deps import AdminDep, RegistryDep
+from ..errors import validation_detail
+from ..responses import JSONBytesResponse
+
+router = APIRouter(tags=["models"])
+MAX_JSON_BYTES = 16 * 1024
+B = TypeVar("B", bound=BaseModel)
+
+
+def _errors(*pairs: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse, "description": why} for status, why in pairs}
+
+
+ADMIN_ERRORS = _errors(
+    (401, "no key sent"), (403, "wrong key, or management disabled (no ADMIN_API_KEY)"),
+    (404, "unknown model, version or file"), (409, "conflicts with the registry's state"),
+    (422, "invalid body"),
+)  # fmt: skip
+
+
+def _json_body(model: type[B]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+async def _parse(request: Request, model: type[B]) -> B:
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_JSON_BYTES:
+            raise InvalidRequest(f"the JSON body is larger than {MAX_JSON_BYTES} bytes")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("the body must be a JSON object") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = [
+            {"loc": [str(p) for p in e["loc"]], "msg": e["msg"], "type": e["type"]}
+            for e in exc.errors()
+        ]
+        raise InvalidRequest(validation_detail(errors) if errors else "invalid body") from None
+
+
+@router.get("/models", response_model=ModelsResponse, summary="Every model version")
+async def list_models(registry: RegistryDep) -> Response:
+    return JSONBytesResponse(registry.models_payload())
+
+
+@router.get(
+    "/models/{name}",
+    response_model=ModelVersions,
+    responses=_errors((404, "unknown model")),
+    summary="The versions of one model",
+)
+async def get_model(name: str, registry: RegistryDep) -> Response:
+    return JSONBytesResponse(registry.model_payload(name))
+
+
+@router.post(
+    "/models",
+    status_code=201,
+    response_model=ModelInfo,
+    responses=ADMIN_ERRORS,
+    dependencies=[AdminDep],
+    openapi_extra=_json_body(RegisterRequest),
+    summary="Register an archive already in MODEL_STORE (admin)",
+)
+async def register_model(request: Request, registry: RegistryDep) -> Response:
+    body = await _parse(request, RegisterRequest)
+    entry = await registry.register(body.file)
+    if entry.status != "ready":
+        raise InvalidRequest(f"{body.file} could not be loaded: {entry.error}")
+    return JSONBytesResponse(entry.info(default=registry.is_default(entry)), status_code=201)
+
+
+@router.delete(
+    "/models/{name}/{version}",
+    response_model=UnloadResponse,
+    responses=ADMIN_ERRORS,
+    dependencies=[AdminDep],
+    summary="Unload a version after its queued requests finish (admin)",
+)
+async def unload_model(name: str, version: str, registry: RegistryDep) -> Response:
+    entry = await registry.unregister(name, version)
+    return JSONBytesResponse({"name": entry.name, "version": entry.version, "status": "unloaded"})
+
+
+@router.put(
+    "/models/{name}/default",
+    response_model=ModelVersions,
+    responses=ADMIN_ERRORS,
+    dependencies=[AdminDep],
+    openapi_extra=_json_body(DefaultVersionRequest),
+    summary="Set the version that answers by default (admin)",
+)
+async def set_default_version(name: str, request: Request, registry: RegistryDep) -> Response:
+    body = await _parse(request, DefaultVersionRequest)
+    registry.set_default_version(name, body.version)
+    return JSONBytesResponse(registry.model_payload(name))

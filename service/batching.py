@@ -1,0 +1,345 @@
+"""Dynamic batching: one bounded queue and one inference worker thread per model version.
+
+Callers (on the event loop) submit preprocessed images; the worker takes whatever is queued,
+up to ``max_batch_size``, runs ONE forward pass and hands each caller its own row. It never
+waits while the device is idle: with ``max_delay_s == 0`` (the default) a batch is whatever
+arrived while the previous batch ran, so batches grow with load by themselves.
+
+Guarantees:
+- admission is all-or-nothing per request; a full queue answers ``QueueFull`` (503) at once;
+- images whose request passed its deadline, or whose caller went away, are dropped before
+  compute (504 for the caller);
+- a failing batch fails each of its callers (500) and the worker goes on with the next one;
+  an out-of-memory error splits the batch in halves and retries them;
+- ``close()`` lets everything already queued finish (drain) before the worker stops.
+
+The forward is ``self.forward_fn`` (batch ``[N, ...]`` -> probabilities ``[N, K]``): tests wrap
+it to inject faults or slowness; production code never replaces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InferenceFailed, ModelDraining, QueueFull, RequestTimeout, ServiceError
+
+log = logging.getLogger("service.batching")
+
+ForwardFn = Callable[[torch.Tensor], torch.Tensor]
+StackFn = Callable[[Sequence[torch.Tensor]], torch.Tensor]
+_STOP = object()  # queued by close(): everything before it is served, then the worker exits
+
+
+@dataclass(slots=True, eq=False)
+class WorkItem:
+    """One image waiting for the worker."""
+
+    input: torch.Tensor
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+    enqueued: float  # time.monotonic()
+    deadline: float  # time.monotonic() after which the image is not computed any more
+
+
+@dataclass(slots=True, frozen=True)
+class Prediction:
+    """The worker's answer for one image: the class probabilities and the top-1."""
+
+    probs: np.ndarray  # float32 [K], sums to 1
+    class_id: int
+    confidence: float
+
+
+def collect_batch(
+    source: queue.SimpleQueue[Any] | queue.Queue[Any],
+    max_size: int,
+    max_delay_s: float = 0.0,
+    *,
+    block_timeout: float | None = None,
+) -> list[Any]:
+    """Block for the first item, then take what is queued, up to ``max_size`` items.
+
+    With ``max_delay_s > 0`` it waits at most that long (from the first item) for more items to
+    fill the batch; with 0 it never waits for a second item. ``block_timeout`` bounds the wait
+    for the first item (``[]`` when nothing came).
+    """
+    try:
+        batch = [source.get(timeout=block_timeout)]
+    except queue.Empty:
+        return []
+    deadline = time.monotonic() + max_delay_s
+    while len(batch) < max_size:
+        try:
+            batch.append(source.get_nowait())
+            continue
+        except queue.Empty:
+            pass
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            batch.append(source.get(timeout=remaining))
+        except queue.Empty:
+            break
+    return batch
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc)
+
+
+class _NoMetrics:
+    """Stands in for a metric child when the batcher runs without a registry (unit tests)."""
+
+    def observe(self, _value: float) -> None: ...
+
+    def inc(self, _value: float = 1) -> None: ...
+
+    def labels(self, *_labels: str) -> _NoMetrics:
+        return self
+
+
+_NO_METRICS = _NoMetrics()
+
+
+class Batcher:
+    """Bounded queue + dedicated inference worker thread for one model version."""
+
+    def __init__(
+        self,
+        forward_fn: ForwardFn,
+        *,
+        max_batch_size: int,
+        max_queue: int,
+        max_delay_s: float = 0.0,
+        stack_fn: StackFn = torch.stack,
+        name: str = "model",
+        labels: Sequence[str] | None = None,
+        metrics: Any = None,
+        metric_labels: tuple[str, str] = ("model", "0"),
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be >= 1")
+        self.forward_fn = forward_fn
+        self.stack_fn = stack_fn
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.max_delay_s = max_delay_s
+        self.name = name
+        self.labels = list(labels) if labels is not None else None
+        self.batches_run = 0
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pending = 0  # images admitted and not yet taken by the worker
+        self._closed = False
+        self._seconds_per_image = 0.01  # moving average, for Retry-After
+        self._thread = threading.Thread(target=self._run, name=f"infer-{name}", daemon=True)
+        self._bind_metrics(metrics, metric_labels)
+
+    def _bind_metrics(self, metrics: Any, mv: tuple[str, str]) -> None:
+        self._metrics = metrics
+        self._mv = mv
+        if metrics is None:
+            self._m_wait = self._m_forward = self._m_batch = self._m_conf = _NO_METRICS
+            self._m_rejected = self._m_pred = self._m_oom = _NO_METRICS
+            return
+        self._m_wait = metrics.queue_wait.labels(*mv)
+        self._m_forward = metrics.forward.labels(*mv)
+        self._m_batch = metrics.batch_size.labels(*mv)
+        self._m_conf = metrics.confidence.labels(*mv)
+        self._m_rejected = metrics.rejected
+        self._m_pred = metrics.predictions
+        self._m_oom = metrics.oom_splits.labels(*mv)
+        metrics.queue_depth.labels(*mv).set_function(lambda: self._pending)
+
+    # -- caller side (event loop) -------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, inputs: Sequence[torch.Tensor], deadline: float) -> list[asyncio.Future[Any]]:
+        """Queue every image of one request (all or none); returns one future per image."""
+        loop = asyncio.get_running_loop()
+        count = len(inputs)
+        with self._lock:
+            if self._closed:
+                raise ModelDraining(f"{self.name} is being unloaded; retry")
+            if self._pending + count > self.max_queue:
+                self._m_rejected.labels(*self._mv, "queue_full").inc()
+                wait = (self._pending + count) * self._seconds_per_image
+                raise QueueFull(
+                    f"the queue of {self.name} is full ({self._pending} images waiting, "
+                    f"limit {self.max_queue}); retry later",
+                    retry_after=math.ceil(wait),
+                )
+            self._pending += count
+            now = time.monotonic()
+            futures = []
+            for tensor in inputs:
+                future = loop.create_future()
+                self._queue.put(WorkItem(tensor, future, loop, now, deadline))
+                futures.append(future)
+        return futures
+
+    async def infer(self, inputs: Sequence[torch.Tensor], deadline: float) -> list[Prediction]:
+        """Queue the images and wait for their predictions, at most until ``deadline``."""
+        futures = self.submit(inputs, deadline)
+        try:
+            remaining = max(0.0, deadline - time.monotonic())
+            return list(await asyncio.wait_for(asyncio.gather(*futures), remaining))
+        except asyncio.TimeoutError:
+            self._m_rejected.labels(*self._mv, "timeout").inc()
+            raise RequestTimeout(_timeout_detail()) from None
+        finally:
+            for future in futures:  # the worker skips cancelled items before compute
+                future.cancel()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Refuse new work, let queued work finish, stop the worker; True if it stopped."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(_STOP)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # -- worker side (own thread) -------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            batch = collect_batch(self._queue, self.max_batch_size, self.max_delay_s)
+            stop = bool(batch) and batch[-1] is _STOP
+            items = [item for item in batch if item is not _STOP]
+            if items:
+                with self._lock:
+                    self._pending -= len(items)
+                try:
+                    self._process(items)
+                except BaseException as exc:  # never let the worker die
+                    log.exception("inference worker %s: unexpected error", self.name)
+                    self._fail(items, InferenceFailed(f"inference failed: {_describe(exc)}"))
+            if stop:
+                return
+
+    def _process(self, items: list[WorkItem]) -> None:
+        now = time.monotonic()
+        live: list[WorkItem] = []
+        expired: list[WorkItem] = []
+        for item in items:
+            if item.future.cancelled():
+                continue  # the caller is gone (timed out or disconnected)
+            if now > item.deadline:
+                expired.append(item)
+            else:
+                live.append(item)
+                self._m_wait.observe(now - item.enqueued)
+        if expired:
+            self._m_rejected.labels(*self._mv, "timeout").inc(len(expired))
+            self._fail(expired, RequestTimeout(_timeout_detail()))
+        if not live:
+            return
+        start = time.perf_counter()
+        try:
+            batch = self.stack_fn([item.input for item in live])
+            probs = self._forward(batch)
+            if probs.ndim != 2 or probs.shape[0] != len(live):
+                raise RuntimeError(
+                    f"forward returned shape {tuple(probs.shape)} for {len(live)} inputs"
+                )
+            results = self._postprocess(probs)
+        except Exception as exc:
+            log.exception("inference worker %s: batch of %d failed", self.name, len(live))
+            self._m_rejected.labels(*self._mv, "inference_error").inc(len(live))
+            self._fail(live, InferenceFailed(f"inference failed on the server: {_describe(exc)}"))
+            return
+        elapsed = time.perf_counter() - start
+        self.batches_run += 1
+        self._m_forward.observe(elapsed)
+        self._m_batch.observe(len(live))
+        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / len(live)
+        self._deliver([(item, result, False) for item, result in zip(live, results, strict=True)])
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Run ``forward_fn``; on out-of-memory split the batch in halves and retry them."""
+        try:
+            return self.forward_fn(batch)
+        except Exception as exc:
+            if not is_out_of_memory(exc) or batch.shape[0] < 2:
+                raise
+        self._m_oom.inc()
+        log.warning("inference worker %s: out of memory at batch %d, splitting", self.name,
+                    batch.shape[0])  # fmt: skip
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+        half = batch.shape[0] // 2
+        return torch.cat([self._forward(batch[:half]), self._forward(batch[half:])])
+
+    def _postprocess(self, probs: torch.Tensor) -> list[Prediction]:
+        probs = probs.detach().to("cpu", torch.float32)
+        confidences, class_ids = probs.max(dim=1)
+        rows = probs.numpy()
+        results = []
+        for row, class_id, confidence in zip(
+            rows, class_ids.tolist(), confidences.tolist(), strict=True
+        ):
+            results.append(Prediction(row, class_id, confidence))
+            self._m_conf.observe(confidence)
+            label = self.labels[class_id] if self.labels else str(class_id)
+            self._m_pred.labels(*self._mv, label).inc()
+        return results
+
+    def _fail(self, items: list[WorkItem], error: ServiceError) -> None:
+        self._deliver([(item, error, True) for item in items])
+
+    @staticmethod
+    def _deliver(outcomes: list[tuple[WorkItem, Any, bool]]) -> None:
+        """Hand results to the callers' event loops: one wake-up per loop per batch."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[WorkItem, Any, bool]]] = {}
+        for outcome in outcomes:
+            by_loop.setdefault(outcome[0].loop, []).append(outcome)
+        for loop, group in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+                loop.call_soon_threadsafe(_settle, group)
+
+
+def _settle(group: list[tuple[WorkItem, Any, bool]]) -> None:
+    for item, value, is_error in group:
+        if item.future.done():
+            continue
+        if is_error:
+            item.future.set_exception(value)
+        else:
+            item.future.set_result(value)
+
+
+def _timeout_detail() -> str:
+    return "the request waited longer than REQUEST_TIMEOUT_S and was dropped"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__

@@ -1,0 +1,127 @@
+"""Preprocessing (the card's eval preset) and the batched forward pass of one model version.
+
+``Preprocessor`` turns untrusted image bytes into the model's input tensor with the same
+``EvalPreset`` the trainer evaluated with; it runs in a worker pool, never on the event loop.
+``ModelRunner.forward`` runs one batch in ``torch.inference_mode()`` on the device and returns
+temperature-scaled softmax probabilities on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from trainer.archive import ModelCard
+from trainer.data.presets import EvalPreset
+
+from .imaging import decode_to_tensor
+
+
+class Preprocessor:
+    """bytes -> normalised float tensor ``[C, H, W]`` for one model version."""
+
+    def __init__(self, card: ModelCard, *, max_pixels: int) -> None:
+        self.spec = card.preprocess_spec
+        self.preset = EvalPreset(self.spec)
+        self.max_pixels = max_pixels
+        height, width = self.spec.input_size
+        if self.spec.resize_mode == "shorter_side":
+            side = self.spec.resize_size or round(min(height, width) / 0.875)
+            self.decode_size: tuple[int, int] = (side, side)
+        else:
+            self.decode_size = (height, width)
+
+    def decode(self, data: bytes) -> torch.Tensor:
+        """Untrusted bytes -> uint8 ``[C, H, W]`` in the card's colour mode (raises ImageRejected)."""
+        return decode_to_tensor(
+            data,
+            max_pixels=self.max_pixels,
+            color_mode=self.spec.color_mode,
+            target_size=self.decode_size,
+        )
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        return self.preset(self.decode(data)).contiguous()
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``PRECISION`` on ``device`` (None = plain fp32)."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+class ModelRunner:
+    """A model on its device plus everything one forward pass needs."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        card: ModelCard,
+        *,
+        device: str,
+        precision: str = "auto",
+        channels_last: bool | None = None,
+        max_batch_size: int = 1,
+    ) -> None:
+        self.device = torch.device(device)
+        self.card = card
+        self.temperature = float(card.temperature)
+        self.autocast_dtype = resolve_precision(precision, self.device)
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        model = model.eval().requires_grad_(False).to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        height, width = card.input_size
+        self.input_shape = (card.in_chans, height, width)
+        self.max_batch_size = max_batch_size
+        self._staging: torch.Tensor | None = None
+        if self.device.type == "cuda":  # pinned host buffer: async H2D copies
+            torch.backends.cudnn.benchmark = True  # tuned per batch size during the warm-up
+            self._staging = torch.empty(
+                (max_batch_size, *self.input_shape), dtype=torch.float32, pin_memory=True
+            )
+
+    @property
+    def precision_name(self) -> str:
+        return {torch.float16: "fp16", torch.bfloat16: "bf16", None: "fp32"}[self.autocast_dtype]
+
+    def stack(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Stack preprocessed images into one batch (into pinned memory on CUDA)."""
+        if self._staging is not None and len(inputs) <= self._staging.shape[0]:
+            return torch.stack(list(inputs), out=self._staging[: len(inputs)])
+        return torch.stack(list(inputs))
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W]`` float batch -> ``[N, K]`` float32 probabilities on the CPU."""
+        with torch.inference_mode():
+            x = batch.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            autocast = (
+                torch.autocast(self.device.type, dtype=self.autocast_dtype)
+                if self.autocast_dtype is not None
+                else contextlib.nullcontext()
+            )
+            with autocast:
+                logits = self.model(x)
+            logits = logits.float()
+            if self.temperature != 1.0:
+                logits = logits / self.temperature
+            return torch.softmax(logits, dim=1).cpu()
+
+    def warmup(self, batch_sizes: Iterable[int]) -> None:
+        """One forward per batch size, so no client pays a cold start (kernels, allocator)."""
+        for size in batch_sizes:
+            example = torch.zeros((size, *self.input_shape), dtype=torch.float32)
+            self.forward(self.stack(list(example)))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

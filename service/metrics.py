@@ -1,0 +1,160 @@
+"""Every Prometheus object of the service (namespace ``imgserve_``), one registry per app.
+
+Latencies and sizes are histograms (so p99 aggregates across pods); labels stay low-cardinality:
+``route`` is the route template, per-model series carry ``model`` and ``version``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+NAMESPACE = "imgserve"
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+MV = ("model", "version")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "MetricsMiddleware"]
+
+
+class Metrics:
+    """The service's metrics, registered in their own ``CollectorRegistry``."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+
+        def histogram(name: str, doc: str, labels: tuple[str, ...], buckets: tuple) -> Histogram:
+            return Histogram(
+                name, doc, labels, namespace=NAMESPACE, buckets=buckets, registry=registry
+            )
+
+        def counter(name: str, doc: str, labels: tuple[str, ...]) -> Counter:
+            return Counter(name, doc, labels, namespace=NAMESPACE, registry=registry)
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...], **kw: object) -> Gauge:
+            return Gauge(name, doc, labels, namespace=NAMESPACE, registry=registry, **kw)
+
+        self.http_requests = counter(
+            "http_requests_total", "HTTP requests by route template and status",
+            ("method", "route", "status"),
+        )  # fmt: skip
+        self.http_duration = histogram(
+            "http_request_duration_seconds", "HTTP request latency (first byte in to last out)",
+            ("method", "route"), LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.request_duration = histogram(
+            "request_duration_seconds", "End-to-end latency of inference requests per model",
+            MV, LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.queue_wait = histogram(
+            "queue_wait_seconds", "Time an image waited in the batch queue", MV, LATENCY_BUCKETS
+        )
+        self.preprocess = histogram(
+            "preprocess_seconds", "Decode + preprocess time of one image", MV, LATENCY_BUCKETS
+        )
+        self.forward = histogram(
+            "forward_seconds", "Time of one batched forward pass", MV, LATENCY_BUCKETS
+        )
+        self.batch_size = histogram("batch_size", "Images per forward pass", MV, BATCH_BUCKETS)
+        self.queue_depth = gauge("queue_depth", "Images waiting in the batch queue", MV)
+        self.images = counter("images", "Images accepted for inference", MV)
+        self.rejected = counter(
+            "rejected", "Requests refused or failed, by reason", (*MV, "reason")
+        )
+        self.predictions = counter("predictions", "Top-1 predictions by label", (*MV, "label"))
+        self.confidence = histogram(
+            "confidence", "Top-1 confidence of each prediction", MV, CONFIDENCE_BUCKETS
+        )
+        self.model_info = gauge(
+            "model_info", "Loaded model versions (value 1)", (*MV, "arch", "device", "sha256")
+        )
+        self.model_load = gauge(
+            "model_load_seconds", "Archive load + warm-up time of a version (load-to-ready)", MV
+        )
+        self.oom_splits = counter(
+            "oom_splits", "Batches split in halves after running out of device memory", MV
+        )
+        self.gpu_allocated = gauge(
+            "gpu_memory_allocated_bytes", "torch.cuda.memory_allocated per device", ("device",)
+        )
+        self.gpu_reserved = gauge(
+            "gpu_memory_reserved_bytes", "torch.cuda.memory_reserved per device", ("device",)
+        )
+
+    def forget_model(self, model: str, version: str) -> None:
+        """Drop the per-version series of an unloaded model version."""
+        for metric in (
+            self.queue_wait, self.preprocess, self.forward, self.batch_size, self.queue_depth,
+            self.images, self.request_duration, self.oom_splits, self.model_load, self.confidence,
+        ):  # fmt: skip
+            with contextlib.suppress(KeyError):
+                metric.remove(model, version)
+        for metric in (self.rejected, self.predictions, self.model_info):
+            for labels in list(metric._metrics):  # noqa: SLF001 (no public way to list children)
+                if labels[:2] == (model, version):
+                    metric.remove(*labels)
+
+    def render(self) -> bytes:
+        self._sample_gpu()
+        return generate_latest(self.registry)
+
+    def _sample_gpu(self) -> None:
+        import torch
+
+        if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return
+        for index in range(torch.cuda.device_count()):
+            name = f"cuda:{index}"
+            self.gpu_allocated.labels(name).set(torch.cuda.memory_allocated(index))
+            self.gpu_reserved.labels(name).set(torch.cuda.memory_reserved(index))
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware counting HTTP requests by method, route template and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "<unmatched>"
+            method = scope.get("method", "GET")
+            method = method if method in METHODS else "other"
+            self.metrics.http_requests.labels(method, template, str(status)).inc()
+            self.metrics.http_duration.labels(method, template).observe(time.perf_counter() - start)

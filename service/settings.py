@@ -1,0 +1,124 @@
+"""Every setting of the service, read from environment variables (one place, validated).
+
+Invalid values stop the start with one clear line (see ``service.__main__``).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Environment variables (case-insensitive). Defaults suit a CPU container."""
+
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", env_ignore_empty=True, frozen=True
+    )
+
+    model_store: Path = Field(Path("model_store"), description="folder holding the .mar archives")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated archive file names (or model names) to load; empty = all",
+    )
+    default_model: str | None = Field(None, description="default model name; else the newest")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]{1,2})?)$")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="autocast dtype on CUDA (auto = bf16 if supported, else fp16)"
+    )
+    channels_last: bool | None = Field(
+        None, description="channels_last memory format (default: on for CUDA, off for CPU)"
+    )
+    max_batch_size: int = Field(16, ge=1, le=4096)
+    max_batch_delay_ms: float = Field(0.0, ge=0.0, le=10_000.0)
+    max_queue: int = Field(256, ge=1, le=1_000_000, description="images waiting per model version")
+    request_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    max_upload_bytes: int = Field(25 * MiB, ge=1)
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    max_images_per_request: int = Field(64, ge=1, le=10_000)
+    max_concurrent_explain: int = Field(2, ge=1, le=1024)
+    torch_threads: int | None = Field(None, ge=1, le=1024, description="default: CPU count")
+    preprocess_threads: int | None = Field(None, ge=1, le=1024, description="default: CPU count")
+    warmup: Literal["all", "none"] = Field(
+        "all", description="'all': one forward per batch size before ready; 'none' for tests"
+    )
+    admin_api_key: SecretStr | None = None
+    api_key: SecretStr | None = None
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    graceful_timeout_s: float = Field(
+        30.0, gt=0.0, le=3600.0, description="on SIGTERM: how long in-flight requests may finish"
+    )
+    access_log: bool = False
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    host: str = "0.0.0.0"  # noqa: S104 (a container listens on every interface)
+    port: int = Field(8000, ge=0, le=65535)
+
+    @field_validator("models", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("admin_api_key", "api_key")
+    @classmethod
+    def _key_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 8:
+            raise ValueError("must be at least 8 characters")
+        return value
+
+    @field_validator("log_format", "log_level", "precision", "warmup", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_device(self) -> Settings:
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"DEVICE={self.device} but CUDA is not available")
+            index = int(self.device.partition(":")[2] or 0)
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"DEVICE={self.device} but only {torch.cuda.device_count()} GPUs")
+        return self
+
+    @property
+    def torch_device(self) -> str:
+        if self.device == "auto":
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or os.cpu_count() or 1
+
+    @property
+    def pool_threads(self) -> int:
+        return self.preprocess_threads or os.cpu_count() or 1
+
+
+def describe_error(exc: ValidationError) -> str:
+    """One line naming the first bad environment variable and why."""
+    first = exc.errors()[0]
+    name = ".".join(str(part) for part in first.get("loc", ())).upper()
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    extra = f" ({exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    where = f"invalid setting {name}" if name else "invalid settings"
+    return f"{where}: {message}{extra}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,429 @@
+"""Unit tests of the dynamic batcher, without HTTP: collect_batch and the inference worker."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from service.batching import Batcher, collect_batch, is_out_of_memory
+from service.errors import InferenceFailed, ModelDraining, QueueFull, RequestTimeout
+
+CLASSES = 4
+
+
+class RecordingForward:
+    """forward_fn for tests: class = input value mod 4; records every batch it computes."""
+
+    def __init__(self, delay: float = 0.0, fail_on: float | None = None, oom_above: int = 0):
+        self.delay = delay
+        self.fail_on = fail_on
+        self.oom_above = oom_above
+        self.batches: list[list[float]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        values = batch[:, 0].tolist()
+        if self.oom_above and len(values) > self.oom_above:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        with self.lock:
+            self.batches.append(values)
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail_on is not None and self.fail_on in values:
+            raise ValueError("injected fault")
+        return torch.nn.functional.one_hot(batch[:, 0].long() % CLASSES, CLASSES).float()
+
+    @property
+    def seen(self) -> list[float]:
+        return [v for batch in self.batches for v in batch]
+
+
+def item(value: float) -> torch.Tensor:
+    return torch.tensor([value])
+
+
+def make_batcher(forward: RecordingForward, **kw) -> Batcher:
+    options = {"max_batch_size": 8, "max_queue": 64, "max_delay_s": 0.0} | kw
+    batcher = Batcher(forward, **options)
+    batcher.start()
+    return batcher
+
+
+def far() -> float:
+    return time.monotonic() + 30
+
+
+# -- collect_batch ---------------------------------------------------------------------------
+
+
+def test_collect_batch_takes_what_is_queued_up_to_max_size():
+    q: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for i in range(10):
+        q.put(i)
+    assert collect_batch(q, 4) == [0, 1, 2, 3]
+    assert collect_batch(q, 100) == [4, 5, 6, 7, 8, 9]
+
+
+def test_collect_batch_never_waits_without_delay():
+    q: queue.SimpleQueue[int] = queue.SimpleQueue()
+    q.put(1)
+    start = time.perf_counter()
+    assert collect_batch(q, 32, 0.0) == [1]
+    assert time.perf_counter() - start < 0.05
+
+
+def test_collect_batch_waits_up_to_the_delay_for_more():
+    q: queue.SimpleQueue[int] = queue.SimpleQueue()
+    q.put(1)
+    threading.Timer(0.05, q.put, args=(2,)).start()
+    start = time.perf_counter()
+    assert collect_batch(q, 2, 2.0) == [1, 2]  # full batch: returns before the delay ends
+    assert time.perf_counter() - start < 1.0
+    q.put(3)
+    start = time.perf_counter()
+    assert collect_batch(q, 8, 0.1) == [3]
+    assert 0.09 <= time.perf_counter() - start < 1.0
+
+
+def test_collect_batch_returns_empty_after_block_timeout():
+    q: queue.Queue[int] = queue.Queue()
+    assert collect_batch(q, 8, 0.0, block_timeout=0.01) == []
+
+
+def test_out_of_memory_detection():
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate"))
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("x"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(ValueError("out of memory"))
+
+
+# -- the worker --------------------------------------------------------------------------------
+
+
+def test_each_caller_gets_its_own_rows_in_order():
+    forward = RecordingForward(delay=0.02)
+    batcher = make_batcher(forward)
+
+    async def main():
+        requests = [[item(i), item(i + 1), item(i + 2)] for i in range(0, 60, 3)]
+        return await asyncio.gather(*(batcher.infer(r, far()) for r in requests))
+
+    answers = asyncio.run(main())
+    for start, answer in zip(range(0, 60, 3), answers, strict=True):
+        assert [p.class_id for p in answer] == [(start + j) % CLASSES for j in range(3)]
+        assert all(p.confidence == 1.0 for p in answer)
+        assert all(abs(float(p.probs.sum()) - 1.0) < 1e-6 for p in answer)
+    # concurrent requests were batched: fewer forwards than images, none above the maximum
+    assert len(forward.batches) < 60
+    assert max(len(b) for b in forward.batches) <= 8
+    assert sorted(forward.seen) == list(range(60))
+    assert batcher.close(timeout=5)
+
+
+def test_a_failing_batch_fails_its_callers_and_the_worker_goes_on():
+    forward = RecordingForward(delay=0.05, fail_on=13.0)
+    batcher = make_batcher(forward, max_batch_size=4)
+
+    async def main():
+        blocker = asyncio.ensure_future(batcher.infer([item(0)], far()))
+        await asyncio.sleep(0.01)  # the worker is busy: the next three form one batch
+        same_batch = [batcher.infer([item(v)], far()) for v in (13.0, 14.0, 15.0)]
+        results = await asyncio.gather(blocker, *same_batch, return_exceptions=True)
+        later = await batcher.infer([item(21.0)], far())
+        return results, later
+
+    results, later = asyncio.run(main())
+    assert results[0][0].class_id == 0
+    assert forward.batches[1] == [13.0, 14.0, 15.0]
+    for failed in results[1:]:
+        assert isinstance(failed, InferenceFailed)
+        assert failed.status_code == 500
+        assert "injected fault" in failed.detail
+    assert later[0].class_id == 21 % CLASSES
+    assert batcher.close(timeout=5)
+
+
+def test_expired_requests_are_dropped_before_compute():
+    forward = RecordingForward(delay=0.3)
+    batcher = make_batcher(forward)
+
+    async def main():
+        slow = asyncio.ensure_future(batcher.infer([item(1)], far()))
+        await asyncio.sleep(0.02)
+        short = time.monotonic() + 0.1
+        expired = await asyncio.gather(
+            batcher.infer([item(2)], short), batcher.infer([item(3), item(4)], short),
+            return_exceptions=True,
+        )  # fmt: skip
+        await slow
+        fresh = await batcher.infer([item(5)], far())
+        return expired, fresh
+
+    expired, fresh = asyncio.run(main())
+    assert all(isinstance(e, RequestTimeout) and e.status_code == 504 for e in expired)
+    assert fresh[0].class_id == 1
+    assert forward.seen == [1.0, 5.0]  # 2, 3, 4 never reached the model
+    assert batcher.close(timeout=5)
+
+
+def test_worker_drops_items_whose_deadline_passed_while_queued():
+    forward = RecordingForward()
+    batcher = Batcher(forward, max_batch_size=8, max_queue=8)  # worker not started yet
+
+    async def main():
+        past = time.monotonic() - 1
+        futures = batcher.submit([item(1), item(2)], past)
+        batcher.start()
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, RequestTimeout) for r in results)
+    assert forward.batches == []
+    assert batcher.close(timeout=5)
+
+
+def test_out_of_memory_splits_the_batch_and_retries():
+    forward = RecordingForward(oom_above=2)
+    batcher = Batcher(forward, max_batch_size=8, max_queue=64)
+
+    async def main():
+        futures = batcher.submit([item(v) for v in range(7)], far())
+        batcher.start()  # all seven are queued: one batch of 7 -> split down to <= 2
+        return await asyncio.gather(*futures)
+
+    results = asyncio.run(main())
+    assert [r.class_id for r in results] == [v % CLASSES for v in range(7)]
+    assert max(len(b) for b in forward.batches) <= 2
+    assert forward.seen == [float(v) for v in range(7)]
+    assert batcher.close(timeout=5)
+
+
+def test_out_of_memory_at_batch_one_fails_cleanly():
+    def always_oom(batch: torch.Tensor) -> torch.Tensor:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    batcher = make_batcher(RecordingForward())
+    batcher.forward_fn = always_oom
+
+    async def main():
+        return await asyncio.gather(
+            batcher.infer([item(1), item(2)], far()), return_exceptions=True
+        )
+
+    (result,) = asyncio.run(main())
+    assert isinstance(result, InferenceFailed)
+    assert "out of memory" in result.detail
+    batcher.forward_fn = RecordingForward()
+    assert asyncio.run(batcher.infer([item(3)], far()))[0].class_id == 3
+    assert batcher.close(timeout=5)
+
+
+def test_wrong_number_of_outputs_is_a_server_error():
+    batcher = make_batcher(RecordingForward())
+    batcher.forward_fn = lambda batch: torch.ones(batch.shape[0] + 1, CLASSES) / CLASSES
+    with pytest.raises(InferenceFailed, match="inputs"):
+        asyncio.run(batcher.infer([item(1)], far()))
+    assert batcher.close(timeout=5)
+
+
+def test_full_queue_refuses_at_once_with_retry_after():
+    batcher = Batcher(RecordingForward(), max_batch_size=4, max_queue=5)  # not started
+
+    async def main():
+        accepted = batcher.submit([item(1), item(2), item(3)], far())
+        with pytest.raises(QueueFull) as refused:
+            batcher.submit([item(4), item(5), item(6)], far())  # all or nothing
+        assert batcher.pending == 3
+        more = batcher.submit([item(7), item(8)], far())
+        batcher.start()
+        return refused.value, await asyncio.gather(*accepted, *more)
+
+    refused, results = asyncio.run(main())
+    assert refused.status_code == 503
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert [r.class_id for r in results] == [1, 2, 3, 7 % CLASSES, 8 % CLASSES]
+    assert batcher.close(timeout=5)
+
+
+def test_close_drains_queued_work_then_refuses_new_work():
+    forward = RecordingForward(delay=0.05)
+    batcher = make_batcher(forward, max_batch_size=2)
+
+    async def main():
+        futures = batcher.submit([item(v) for v in range(6)], far())
+        closing = asyncio.ensure_future(asyncio.to_thread(batcher.close, 10))
+        results = await asyncio.gather(*futures)
+        assert await closing
+        with pytest.raises(ModelDraining):
+            batcher.submit([item(9)], far())
+        return results
+
+    results = asyncio.run(main())
+    assert [r.class_id for r in results] == [v % CLASSES for v in range(6)]
+    assert not batcher._thread.is_alive()
+
+
+# -- through the real server ---------------------------------------------------------------------
+
+FAULTS = "tests.service.fault_launcher"
+
+
+def histogram(metrics_text: str, name: str) -> tuple[float, float]:
+    """(count, sum) of a histogram summed over its label sets."""
+    count = total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(f"{name}_count"):
+            count += float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f"{name}_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+    return count, total
+
+
+def counter(metrics_text: str, name: str, **labels: str) -> float:
+    value = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            value += float(line.rsplit(" ", 1)[1])
+    return value
+
+
+async def post_many(url: str, images: list[bytes], path: str = "/predict") -> list:
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(images))
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        return await asyncio.gather(*(
+            client.post(path, content=data, headers={"content-type": "image/png"})
+            for data in images
+        ))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_32_concurrent_requests_take_fewer_than_32_forward_passes(service):
+    from .conftest import digit_png
+
+    images = [digit_png(i % 10) for i in range(32)]
+    with service.client() as client:  # the answers of requests sent one by one
+        expected = [
+            client.post("/predict", content=data, headers={"content-type": "image/png"}).json()
+            for data in images[:10]
+        ]
+    before = histogram(service.metrics(), "imgserve_batch_size")
+    responses = asyncio.run(post_many(service.url, images))
+    after = histogram(service.metrics(), "imgserve_batch_size")
+    assert [r.status_code for r in responses] == [200] * 32
+    for i, response in enumerate(responses):
+        got = response.json()["predictions"][0]
+        want = expected[i % 10]["predictions"][0]
+        assert got["class_id"] == want["class_id"]
+        assert got["confidence"] == pytest.approx(want["confidence"], abs=1e-5)
+    forwards, images_computed = after[0] - before[0], after[1] - before[1]
+    assert images_computed == 32
+    assert forwards < 32, f"{forwards} forward passes for 32 concurrent requests"
+
+
+@pytest.mark.slow
+def test_full_queue_sheds_with_retry_after_and_graceful_shutdown_drains(
+    start_service, served_store
+):
+    from .conftest import digit_png
+
+    server = start_service(
+        store=served_store, module=FAULTS,
+        env={"FAULT_DELAY_S": "0.25", "MAX_QUEUE": "4", "MAX_BATCH_SIZE": "2"},
+    )  # fmt: skip
+    responses = asyncio.run(post_many(server.url, [digit_png(i % 10) for i in range(24)]))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    shed = [r for r in responses if r.status_code == 503]
+    accepted = [r for r in responses if r.status_code == 200]
+    assert shed and accepted, statuses
+    for response in shed:
+        assert response.json()["detail"].startswith("the queue of digits-v1 is full")
+        assert (
+            response.headers["retry-after"].isdigit() and int(response.headers["retry-after"]) >= 1
+        )
+    for response in accepted:
+        assert response.json()["predictions"][0]["label"] in [str(d) for d in range(10)]
+    assert counter(server.metrics(), "imgserve_rejected_total", reason="queue_full") == len(shed)
+
+    # SIGTERM with requests in flight: every accepted request gets its full answer
+    async def in_flight_then_sigterm():
+        import httpx
+
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            tasks = [
+                asyncio.ensure_future(
+                    client.post(
+                        "/predict", content=digit_png(i), headers={"content-type": "image/png"}
+                    )
+                )  # fmt: skip
+                for i in range(4)
+            ]
+            await asyncio.sleep(0.3)  # all four are accepted and queued or computing
+            server.proc.terminate()
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(in_flight_then_sigterm())
+    assert [getattr(r, "status_code", r) for r in results] == [200] * 4
+    # uvicorn re-raises the SIGTERM it handled once shutdown is complete: -15 is the clean exit
+    assert server.proc.wait(30) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in server.log()
+
+
+@pytest.mark.slow
+def test_waiting_past_the_timeout_is_504_and_never_computed(start_service, served_store):
+    from .conftest import digit_png
+
+    server = start_service(
+        store=served_store, module=FAULTS,
+        env={"FAULT_DELAY_S": "2.5", "REQUEST_TIMEOUT_S": "1.0", "MAX_BATCH_SIZE": "4"},
+    )  # fmt: skip
+    before = histogram(server.metrics(), "imgserve_batch_size")
+
+    async def main():
+        first = asyncio.ensure_future(post_many(server.url, [digit_png(1)]))
+        await asyncio.sleep(0.5)  # the worker is busy with the first for 2.5 s
+        queued = await post_many(server.url, [digit_png(2), digit_png(3), digit_png(4)])
+        return (await first) + queued
+
+    responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [504] * 4
+    assert all("REQUEST_TIMEOUT_S" in r.json()["detail"] for r in responses)
+    time.sleep(2.5)  # let the worker finish the first batch and look at the queue
+    after = histogram(server.metrics(), "imgserve_batch_size")
+    assert after[1] - before[1] == 1  # only the image already computing was computed
+    with server.client() as client:
+        assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.slow
+def test_forward_faults_fail_only_their_batch_and_oom_splits(start_service, served_store):
+    from .conftest import digit_png
+
+    server = start_service(
+        store=served_store, module=FAULTS,
+        env={"FAULT_FAIL_FIRST": "1", "FAULT_OOM_ABOVE": "1", "MAX_BATCH_SIZE": "8"},
+    )  # fmt: skip
+    with server.client() as client:
+        failed = client.post(
+            "/predict", content=digit_png(5), headers={"content-type": "image/png"}
+        )
+        assert failed.status_code == 500
+        assert "injected fault" in failed.json()["detail"]
+        ok = client.post("/predict", content=digit_png(5), headers={"content-type": "image/png"})
+        assert ok.status_code == 200
+        images = [("file", (f"{i}.png", digit_png(i), "image/png")) for i in range(6)]
+        together = client.post("/predict", files=images)  # one batch of 6 -> split to 1s
+        assert together.status_code == 200, together.text
+        assert len(together.json()["predictions"]) == 6
+        assert client.get("/readyz").status_code == 200
+    metrics = server.metrics()
+    assert counter(metrics, "imgserve_oom_splits_total") >= 1
+    assert counter(metrics, "imgserve_rejected_total", reason="inference_error") == 1
