@@ -13,14 +13,17 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any
 
 import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trainer import __version__
 
-from .api.deps import ExplainLimiter
+from .api.deps import API_KEY_SCHEME, ExplainLimiter
 from .api.errors import install_error_handlers
 from .api.responses import JSONBytesResponse
 from .api.routes import explain, health, models, predict, web
@@ -66,7 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="Image classification with dynamic batching, Grad-CAM and a model registry.",
         lifespan=lifespan,
-        default_response_class=JSONBytesResponse,
+        default_response_class=DefaultJSONResponse,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -80,9 +83,89 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type"],
         )  # fmt: skip
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(CloseSlowBodyOnTimeout)
     for module in (health, models, predict, explain, web):
         app.include_router(module.router)
+    _document_access(app, settings)
     return app
+
+
+class DefaultJSONResponse(JSONResponse):
+    """The default response class: rendered like ``JSONBytesResponse`` (orjson), and a
+    ``JSONResponse`` so that ``/openapi.json`` documents each route's ``response_model``
+    (FastAPI documents any other default class as ``{"type": "string"}``)."""
+
+    def render(self, content: Any) -> bytes:
+        return JSONBytesResponse.render(self, content)  # type: ignore[arg-type]
+
+
+class CloseSlowBodyOnTimeout:
+    """Close the connection after a 504 answered before the request body was complete.
+
+    Reading the body is bounded by ``REQUEST_TIMEOUT_S`` (504); a client still trickling its
+    body then would keep the connection for as long as it likes (uvicorn reads and discards
+    the rest, and re-arms no idle timer while bytes keep coming). ``Connection: close`` makes
+    uvicorn close it right after the 504, which the client has already been sent. Other early
+    answers (a 413 for a big upload) keep the connection: see ``service.uploads``.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        complete = headers.get(b"content-length", b"0") == b"0" and (
+            b"transfer-encoding" not in headers
+        )
+
+        async def tracked_receive() -> Message:
+            nonlocal complete
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                complete = True
+            return message
+
+        async def closing_send(message: Message) -> None:
+            if (
+                message["type"] == "http.response.start"
+                and message["status"] == 504
+                and not complete
+            ):
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (b"connection", b"close")],
+                }
+            await send(message)
+
+        await self.app(scope, tracked_receive, closing_send)
+
+
+def _document_access(app: FastAPI, settings: Settings) -> None:
+    """Without ``API_KEY`` the inference routes are open: drop their key from the schema."""
+    if settings.api_key is not None:
+        return
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    if not isinstance(operation, dict) or "security" not in operation:
+                        continue
+                    kept = [r for r in operation["security"] if API_KEY_SCHEME not in r]
+                    if kept:
+                        operation["security"] = kept
+                    else:
+                        del operation["security"]
+            schemes = schema.get("components", {}).get("securitySchemes", {})
+            schemes.pop(API_KEY_SCHEME, None)
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def _load_store(registry: Registry) -> None:

@@ -391,7 +391,7 @@ class Registry:
 
     def archive_path(self, file: str) -> Path:
         """The path of ``file`` inside the store; 422 for anything but a plain .mar file name."""
-        if not isinstance(file, str) or not ARCHIVE_FILE.match(file) or ".." in file:
+        if not isinstance(file, str) or not ARCHIVE_FILE.fullmatch(file) or ".." in file:
             raise InvalidRequest(
                 "file must be the name of a .mar archive inside MODEL_STORE "
                 "(letters, digits, _ . -; no path, no URL)"

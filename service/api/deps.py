@@ -8,6 +8,10 @@
 - ``ApiKeyDep`` (inference, only when ``API_KEY`` is set) and ``AdminDep`` (management):
   ``Authorization: Bearer <key>``, constant-time comparison, 401 without, 403 wrong key;
   management is refused (403) when no ``ADMIN_API_KEY`` is configured.
+
+Every dependency is ``async def``: FastAPI runs plain ``def`` dependencies in its thread pool,
+which would cost each request several thread hops (and bursts of requests up to 40 threads)
+for what are attribute reads.
 """
 
 from __future__ import annotations
@@ -31,19 +35,19 @@ from ..settings import Settings
 T = TypeVar("T")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_registry(request: Request) -> Registry:
+async def get_registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_pool(request: Request) -> ThreadPoolExecutor:
+async def get_pool(request: Request) -> ThreadPoolExecutor:
     return request.app.state.pool
 
 
@@ -61,7 +65,9 @@ VersionQuery = Annotated[
 ]
 
 
-def get_model_entry(registry: RegistryDep, model: ModelQuery = None, version: VersionQuery = None):
+async def get_model_entry(
+    registry: RegistryDep, model: ModelQuery = None, version: VersionQuery = None
+):
     """The ready entry for ``?model=&version=`` (``version`` alone: the default model's)."""
     return registry.resolve(model, version)
 
@@ -96,14 +102,26 @@ class ExplainLimiter:
             self.active -= 1
 
 
-def get_explain_limiter(request: Request) -> ExplainLimiter:
+async def get_explain_limiter(request: Request) -> ExplainLimiter:
     return request.app.state.explain_limiter
 
 
 ExplainLimiterDep = Annotated[ExplainLimiter, Depends(get_explain_limiter)]
 
-_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <key>")
-BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+# Two schemes, so the OpenAPI schema can tell them apart: ``ApiKey`` (inference, only when
+# API_KEY is set; ``service.main`` drops it from the schema otherwise) and ``AdminKey``.
+API_KEY_SCHEME, ADMIN_KEY_SCHEME = "ApiKey", "AdminKey"
+_api_bearer = HTTPBearer(
+    auto_error=False, scheme_name=API_KEY_SCHEME,
+    description="Authorization: Bearer <API_KEY> (only when API_KEY is set)",
+)  # fmt: skip
+_admin_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name=ADMIN_KEY_SCHEME,
+    description="Authorization: Bearer <ADMIN_API_KEY>",
+)
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_api_bearer)]
+AdminBearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_admin_bearer)]
 
 
 def _check_key(credentials: HTTPAuthorizationCredentials | None, key: SecretStr, what: str) -> None:
@@ -118,13 +136,13 @@ def _check_key(credentials: HTTPAuthorizationCredentials | None, key: SecretStr,
         raise ServiceError(f"the key is not valid for {what}", status_code=403)
 
 
-def require_api_key(settings: SettingsDep, credentials: BearerDep) -> None:
+async def require_api_key(settings: SettingsDep, credentials: BearerDep) -> None:
     """Inference access: open unless ``API_KEY`` is set."""
     if settings.api_key is not None:
         _check_key(credentials, settings.api_key, "inference")
 
 
-def require_admin(settings: SettingsDep, credentials: BearerDep) -> None:
+async def require_admin(settings: SettingsDep, credentials: AdminBearerDep) -> None:
     """Management access: ``ADMIN_API_KEY`` required; refused when none is configured."""
     if settings.admin_api_key is None:
         raise ServiceError(

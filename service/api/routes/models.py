@@ -12,11 +12,13 @@ Management bodies are parsed after the key check, so a request without the key l
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Request
+from fastapi import Path as PathParam
 from pydantic import BaseModel, ValidationError
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.responses import Response
 
 from ...errors import InvalidRequest
@@ -34,6 +36,22 @@ from ..errors import validation_detail
 from ..responses import JSONBytesResponse
 
 router = APIRouter(tags=["models"])
+
+
+class _VersionConvertor(Convertor[str]):
+    """A version in a path: digits only (as on model cards), so ``/models/{name}/default``
+    is never read as version "default" of ``DELETE /models/{name}/{version}``."""
+
+    regex = "[0-9]{1,9}"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return str(value)
+
+
+register_url_convertor("version", _VersionConvertor())
 MAX_JSON_BYTES = 16 * 1024
 B = TypeVar("B", bound=BaseModel)
 
@@ -111,13 +129,17 @@ async def register_model(request: Request, registry: RegistryDep) -> Response:
 
 
 @router.delete(
-    "/models/{name}/{version}",
+    "/models/{name}/{version:version}",
     response_model=UnloadResponse,
     responses=ADMIN_ERRORS,
     dependencies=[AdminDep],
     summary="Unload a version after its queued requests finish (admin)",
 )
-async def unload_model(name: str, version: str, registry: RegistryDep) -> Response:
+async def unload_model(
+    name: str,
+    version: Annotated[str, PathParam(pattern=r"^[0-9]{1,9}$", description="a version number")],
+    registry: RegistryDep,
+) -> Response:
     entry = await registry.unregister(name, version)
     return JSONBytesResponse({"name": entry.name, "version": entry.version, "status": "unloaded"})
 
