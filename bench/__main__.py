@@ -1,0 +1,281 @@
+"""``python -m bench run``: build what it measures, measure every target, write the results.
+
+    .venv/bin/python -m bench run                 # full CPU run (~25 min on 2 cores)
+    .venv/bin/python -m bench run --quick         # a few minutes: r20 + r18, C=1 and 32
+    .venv/bin/python -m bench run --images ../shared/bench-images   # the reference image set
+    .venv/bin/python -m bench run --gpu --dry-run  # the CUDA plan, without running it
+    .venv/bin/python -m bench images | archives    # only build the image set / the archives
+
+Writes ``bench/results/<date>-<machine>.json`` and appends a markdown section to
+``bench/RESULTS.md`` (``--no-append`` to skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import config as configs
+from .archives import MODELS
+from .config import HTTP_TARGETS, TARGETS, BenchConfig, Timing
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in _csv(text))
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(part) for part in _csv(text))
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    sub = top.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="measure every target and write the results")
+    run.add_argument("--quick", action="store_true", help="a few minutes instead of ~25")
+    run.add_argument("--gpu", action="store_true", help="CUDA mode (ResNet-50, bf16, big batches)")
+    run.add_argument("--images", type=Path, help="a folder of images (default: generated set)")
+    run.add_argument("--models", type=_csv, help=f"comma list of {', '.join(MODELS)}")
+    run.add_argument("--targets", type=_csv, help=f"comma list of {', '.join(TARGETS)}")
+    run.add_argument("--all-targets", action="store_true",
+                     help="every target for every model (default: ResNet-50 skips some peers)")  # fmt: skip
+    run.add_argument("--concurrency", type=_ints, help="closed-loop levels, e.g. 1,8,32,64")
+    run.add_argument("--open-loop", type=_floats, help="fractions of capacity, e.g. 0.5,0.9")
+    run.add_argument("--open-loop-targets", type=_csv, help="targets that get open-loop points")
+    run.add_argument("--repeats", type=int, help="windows per point (median reported)")
+    run.add_argument("--duration", type=float, help="seconds per window (all models)")
+    run.add_argument("--warmup", type=float, help="warm-up seconds before each point")
+    run.add_argument("--limit-batches", type=_ints, help="LIMIT batch sizes, e.g. 8,16")
+    run.add_argument("--body", choices=("raw", "multipart"), help="request body (default raw)")
+    run.add_argument("--images-per-request", type=int, help="images per request (multipart)")
+    run.add_argument("--loadgen-procs", type=int, help="load-generator processes per point")
+    run.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                     help="a service setting for both service targets, e.g. TORCH_THREADS=1")  # fmt: skip
+    run.add_argument("--no-install-torchserve", action="store_true",
+                     help="do not create bench/.ts-venv; use an installed torchserve or skip")  # fmt: skip
+    run.add_argument("--rebuild-archives", action="store_true")
+    run.add_argument("--dry-run", action="store_true", help="print the plan, start nothing")
+    run.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
+    run.add_argument("--label", help="a name for this run in the results")
+    run.add_argument("--cache", type=Path, help="images, archives, logs (default bench/.cache)")
+    run.add_argument("--results-dir", type=Path, help="where the JSON goes (bench/results)")
+    run.add_argument("--results-md", type=Path, help="the markdown to append to (bench/RESULTS.md)")
+    prof = sub.add_parser("profile", help="py-spy profile of the service under load")
+    prof.add_argument("--model", default="r18", choices=sorted(MODELS))
+    prof.add_argument("--target", default="service", choices=("service", "naive"))
+    prof.add_argument("--concurrency", type=int, default=32)
+    prof.add_argument("--duration", type=float, default=15.0)
+    prof.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    prof.add_argument("--svg", action="store_true", help="also write a flame graph")
+    comp = sub.add_parser("compare", help="service variants in alternating rounds")
+    comp.add_argument("--model", default="r20", choices=sorted(MODELS))
+    comp.add_argument("--target", default="service", choices=("service", "limit"))
+    comp.add_argument("--variant", action="append", required=True,
+                      help="NAME:KEY=VALUE,... (settings; TREE=DIR runs another service copy)")  # fmt: skip
+    comp.add_argument("--concurrency", type=_ints, default=(1, 32))
+    comp.add_argument("--open-loop", type=float, help="also an open-loop point at this fraction")
+    comp.add_argument("--rounds", type=int, default=2)
+    comp.add_argument("--duration", type=float, default=3.0)
+    comp.add_argument("--warmup", type=float, default=1.5)
+    sub.add_parser("images", help="write the generated image set into bench/.cache/images")
+    sub.add_parser("archives", help="build (or reuse) the benchmark archives")
+    return top
+
+
+def build_config(args: argparse.Namespace) -> BenchConfig:
+    overrides: dict[str, Any] = {}
+    factory = configs.gpu if args.gpu else configs.quick if args.quick else BenchConfig
+    base = factory()
+    for name, value in (
+        ("models", args.models), ("targets", args.targets), ("concurrency", args.concurrency),
+        ("open_loop", args.open_loop), ("open_loop_targets", args.open_loop_targets),
+        ("repeats", args.repeats), ("limit_batches", args.limit_batches), ("body", args.body),
+        ("images_per_request", args.images_per_request), ("loadgen_procs", args.loadgen_procs),
+        ("label", args.label),
+    ):  # fmt: skip
+        if value is not None:
+            overrides[name] = value
+    if args.all_targets or args.targets:
+        overrides["model_targets"] = {}
+    if args.images is not None:
+        overrides["images_dir"] = args.images.resolve()
+    for name in ("cache", "results_dir", "results_md"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name).resolve()
+    if args.duration is not None or args.warmup is not None:
+        overrides["timing"] = {
+            key: Timing(
+                warmup_s=args.warmup if args.warmup is not None else t.warmup_s,
+                duration_s=args.duration if args.duration is not None else t.duration_s,
+            )
+            for key, t in base.timing.items()
+        }
+    overrides["service_env"] = {**base.service_env, **_settings(args.set)}
+    overrides["install_torchserve"] = not args.no_install_torchserve
+    overrides["rebuild_archives"] = args.rebuild_archives
+    return factory(**{**_fields(base), **overrides})
+
+
+def _settings(items: list[str]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set needs NAME=VALUE, not {item!r}")
+        env[name.strip().upper()] = value.strip()
+    return env
+
+
+def _fields(cfg: BenchConfig) -> dict[str, Any]:
+    return {name: getattr(cfg, name) for name in cfg.__dataclass_fields__}
+
+
+def estimate_s(cfg: BenchConfig) -> float:
+    """A rough wall-clock estimate (2-core machine): start-ups + warm-ups + windows."""
+    startup = {"service": 15, "service-mbs1": 15, "naive": 8, "torchserve-1w": 40,
+               "torchserve-2w": 50}  # fmt: skip
+    total = 0.0
+    for model in cfg.models:
+        timing = cfg.timing_for(model)
+        point = timing.warmup_s + cfg.repeats * timing.duration_s + 1.5
+        for target in cfg.targets_for(model):
+            if target == "limit":
+                batches = len({*cfg.limit_batches, cfg.max_batch_size()}) + 1
+                total += 15 + batches * (point - 1.0)
+                continue
+            points = len(cfg.concurrency)
+            if target in cfg.open_loop_targets:
+                points += len(cfg.open_loop)
+            total += startup[target] + points * point
+    return total
+
+
+def dry_run(cfg: BenchConfig) -> None:
+    from .report import service_defaults
+
+    print(f"plan ({cfg.label}): about {estimate_s(cfg) / 60:.0f} min (start-ups as on 2 CPU cores)")
+    print(f"service settings: {service_defaults(cfg.service_settings())}")
+    for model in cfg.models:
+        timing = cfg.timing_for(model)
+        print(f"- {model} ({MODELS[model].label}); warm-up {timing.warmup_s:g} s, "
+              f"{cfg.repeats} x {timing.duration_s:g} s per point")  # fmt: skip
+        for target in cfg.targets_for(model):
+            if target == "limit":
+                batches = sorted({*cfg.limit_batches, cfg.max_batch_size()})
+                print(f"    limit: pipelined batches {batches} + single-image latency")
+                continue
+            loads = [f"C={c}" for c in cfg.concurrency]
+            if target in cfg.open_loop_targets:
+                loads += [f"open {f:.0%} of capacity" for f in cfg.open_loop]
+            print(f"    {target}: {', '.join(loads)}")
+    skipped = [t for t in HTTP_TARGETS if t not in cfg.targets]
+    if skipped:
+        print(f"targets not in this plan: {', '.join(skipped)}")
+    print(f"load generator: {cfg.loadgen_procs} process(es), {cfg.body} bodies, "
+          f"{cfg.images_per_request} image(s) per request")  # fmt: skip
+    if cfg.gpu:
+        from .gpu import GpuSampler
+
+        sampler = GpuSampler()
+        sampler.start()
+        time.sleep(0.5)
+        sampler.stop()
+        print(f"GPU sampler: {sampler.source or 'no NVML / nvidia-smi here'}")
+        import torch
+
+        print(f"CUDA available here: {torch.cuda.is_available()}")
+
+
+def run(cfg: BenchConfig, *, append: bool) -> int:
+    from . import report
+    from .runner import Runner
+
+    if cfg.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("bench: --gpu needs CUDA (torch.cuda.is_available() is False); "
+                  "--dry-run shows the plan", file=sys.stderr)  # fmt: skip
+            return 2
+    started, load0 = time.time(), os.getloadavg()
+    print(f"bench: {cfg.label} run, about {estimate_s(cfg) / 60:.0f} min; load average {load0[0]:.2f}",
+          file=sys.stderr)  # fmt: skip
+    runner = Runner(cfg)
+    measured = runner.run()
+    image_info = runner.image_set.describe() if runner.image_set else {}
+    result = {
+        "meta": report.meta(cfg, image_info, started, time.time() - started, load0),
+        **measured,
+    }
+    result["ratios"] = report.ratios(result["models"])
+    path = report.write_json(result, cfg.results_dir)
+    text = report.markdown(result, path)
+    if append:
+        report.append_markdown(text, cfg.results_md)
+    print(text)
+    print(f"bench: results in {path}" + (f" and {cfg.results_md}" if append else ""),
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the runner's cleanup (kills by pid)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    if args.command == "images":
+        from . import images
+
+        image_set = images.ensure(None, configs.CACHE)
+        print(json.dumps(image_set.describe(), indent=1))
+        return 0
+    if args.command == "archives":
+        from . import archives
+
+        for spec in MODELS.values():
+            print(archives.ensure(spec, configs.CACHE, log=lambda m: print(m, file=sys.stderr)))
+        return 0
+    if args.command == "profile":
+        from .experiment import print_profile, profile
+
+        summary = profile(
+            args.model, concurrency=args.concurrency, duration_s=args.duration,
+            settings=_settings(args.set), target=args.target, svg=args.svg,
+        )  # fmt: skip
+        print_profile(summary)
+        return 0
+    if args.command == "compare":
+        from .experiment import compare, print_compare
+
+        out = compare(
+            args.model, args.variant, concurrency=args.concurrency, rounds=args.rounds,
+            timing=Timing(warmup_s=args.warmup, duration_s=args.duration), target=args.target,
+            open_fraction=args.open_loop,
+        )  # fmt: skip
+        print_compare(out)
+        return 0
+    try:
+        cfg = build_config(args)
+    except ValueError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        dry_run(cfg)
+        return 0
+    return run(cfg, append=not args.no_append)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""What one benchmark run measures: models, targets, load points, durations (typed, validated)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .archives import MODELS
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "bench" / ".cache"
+
+# the HTTP targets, in the order they are measured for each model
+HTTP_TARGETS = ("service", "service-mbs1", "naive", "torchserve-1w", "torchserve-2w")
+TARGETS = ("limit", *HTTP_TARGETS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Timing:
+    """Warm-up and window length (seconds) for one model; each point is warm-up + repeats x D."""
+
+    warmup_s: float
+    duration_s: float
+
+
+@dataclass(kw_only=True)
+class BenchConfig:
+    models: tuple[str, ...] = ("r20", "r18", "r50")
+    targets: tuple[str, ...] = TARGETS
+    # targets measured per model when not all of them (the compute-bound sanity check needs
+    # the service and the limit; its peers take minutes on 2 cores)
+    model_targets: dict[str, tuple[str, ...]] = field(
+        default_factory=lambda: {"r50": ("limit", "service", "naive", "torchserve-1w")}
+    )
+    concurrency: tuple[int, ...] = (1, 8, 32, 64)
+    open_loop: tuple[float, ...] = (0.5, 0.9)  # fractions of the measured capacity
+    open_loop_targets: tuple[str, ...] = ("service",)
+    repeats: int = 3
+    timing: dict[str, Timing] = field(
+        default_factory=lambda: {
+            "r20": Timing(warmup_s=1.5, duration_s=3.0),
+            "r18": Timing(warmup_s=2.0, duration_s=4.0),
+            "r50": Timing(warmup_s=3.0, duration_s=5.0),
+        }
+    )
+    limit_batches: tuple[int, ...] = (8, 16)  # plus the service's MAX_BATCH_SIZE if different
+    body: str = "raw"  # raw image/jpeg bodies, or multipart/form-data ("file" parts)
+    images_per_request: int = 1
+    images_dir: Path | None = None
+    service_env: dict[str, str] = field(default_factory=dict)  # extra settings for both services
+    ts_batch_size: int = 8
+    ts_max_batch_delay_ms: int = 10
+    install_torchserve: bool = True
+    rebuild_archives: bool = False
+    gpu: bool = False
+    loadgen_procs: int = 1
+    cache: Path = CACHE
+    results_dir: Path = ROOT / "bench" / "results"
+    results_md: Path = ROOT / "bench" / "RESULTS.md"
+    label: str = "full"
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.models if m not in MODELS]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad:
+            raise ValueError(f"unknown target(s) {bad}; choose from {list(TARGETS)}")
+        if self.repeats < 1 or any(c < 1 for c in self.concurrency):
+            raise ValueError("repeats and concurrency levels must be >= 1")
+        if self.body not in ("raw", "multipart"):
+            raise ValueError("body must be 'raw' or 'multipart'")
+        if self.images_per_request > 1 and self.body != "multipart":
+            raise ValueError("several images per request need --body multipart")
+
+    def targets_for(self, model: str) -> tuple[str, ...]:
+        wanted = self.model_targets.get(model)
+        return tuple(t for t in self.targets if wanted is None or t in wanted)
+
+    def timing_for(self, model: str) -> Timing:
+        return self.timing.get(model, Timing(warmup_s=2.0, duration_s=4.0))
+
+    def service_settings(self) -> dict[str, str]:
+        """The environment of the 'service' target (defaults unless overridden)."""
+        return dict(self.service_env)
+
+    def max_batch_size(self) -> int:
+        from service.settings import Settings
+
+        value = self.service_env.get("MAX_BATCH_SIZE")
+        return int(value) if value else Settings.model_fields["max_batch_size"].default
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("images_dir", "cache", "results_dir", "results_md"):
+            data[key] = str(data[key]) if data[key] is not None else None
+        return data
+
+
+def quick(**overrides: Any) -> BenchConfig:
+    """A few minutes: the two models of the targets T1-T6/T8, one repeat, short windows."""
+    base: dict[str, Any] = {
+        "models": ("r20", "r18"),
+        "targets": ("limit", "service", "service-mbs1", "naive", "torchserve-1w"),
+        "model_targets": {},
+        "concurrency": (1, 32),
+        "open_loop": (0.9,),
+        "repeats": 1,
+        "timing": {
+            "r20": Timing(warmup_s=1.0, duration_s=2.0),
+            "r18": Timing(warmup_s=1.5, duration_s=3.0),
+            "r50": Timing(warmup_s=2.0, duration_s=3.0),
+        },
+        "limit_batches": (16,),
+        "label": "quick",
+    }
+    base.update(overrides)
+    return BenchConfig(**base)
+
+
+def gpu(**overrides: Any) -> BenchConfig:
+    """CUDA: ResNet-50@224, mixed precision, large batches, GPU utilisation sampled."""
+    cores = os.cpu_count() or 1
+    base: dict[str, Any] = {
+        "models": ("r50",),
+        "targets": ("limit", "service", "naive", "torchserve-1w"),
+        "model_targets": {},
+        "concurrency": (1, 64, 256, 512),
+        "open_loop": (0.5, 0.9),
+        "timing": {"r50": Timing(warmup_s=5.0, duration_s=10.0)},
+        "limit_batches": (64, 128),
+        "service_env": {
+            "DEVICE": "cuda",
+            "PRECISION": "bf16",
+            "MAX_BATCH_SIZE": "128",
+            "MAX_QUEUE": "4096",
+            "PREPROCESS_THREADS": str(cores),
+        },
+        "gpu": True,
+        "loadgen_procs": max(1, min(4, cores // 4)),
+        "label": "gpu",
+    }
+    base.update(overrides)
+    return BenchConfig(**base)

@@ -1,0 +1,190 @@
+"""The LIMIT: the service's own decode + preprocess + batched forward in one process, no HTTP.
+
+``python -m bench.limit SPEC.json`` prints one JSON object. The model is loaded exactly as the
+service loads it (``service.registry.Registry`` on a store holding the archive: card + SHA-256
+check, rebuild, device, precision, channels_last and warm-up decided by the service's own
+``Settings``, read from the same environment variables), torch threads are set as the service
+sets them, and images go through ``entry.preprocessor`` (``service.inference.Preprocessor``:
+``service.imaging`` decoding + the card's ``EvalPreset``) in a thread pool of
+``PREPROCESS_THREADS``, while this thread stacks and runs ``runner.forward`` on full batches,
+as the service's batcher thread does. Decoding of the next batch overlaps the forward of the
+current one, so this is the best the service's pipeline can do on this machine.
+
+Measurements (each a warm-up, then ``repeats`` windows of ``duration_s``):
+- ``pipelined`` at each batch size asked for: images/s, the forward time per batch;
+- ``single``: one image at a time on one thread (decode, preprocess, forward of a batch of 1),
+  the in-process single-image latency that the service's C=1 latency is compared with.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+
+def load_entry(archive: Path, store_dir: Path) -> tuple[Any, Any, Any]:
+    """(registry, entry, settings) with ``archive`` loaded the way the service loads it."""
+    from service.main import _configure_torch
+    from service.metrics import Metrics
+    from service.registry import Registry
+    from service.settings import Settings
+
+    link = store_dir / archive.name
+    link.symlink_to(archive.resolve())
+    settings = Settings(model_store=store_dir, models=[archive.name])
+    _configure_torch(settings)
+    registry = Registry(settings, Metrics())
+    entries = registry.scan()
+    registry.load_all(entries)
+    entry = entries[0]
+    if entry.status != "ready":
+        raise RuntimeError(f"{archive.name} did not load: {entry.error}")
+    return registry, entry, settings
+
+
+def _windows(step: Any, warmup_s: float, duration_s: float, repeats: int) -> list[dict[str, float]]:
+    """Call ``step()`` (returns images done) for a warm-up, then ``repeats`` timed windows."""
+    end = time.perf_counter() + warmup_s
+    while time.perf_counter() < end:
+        step()
+    windows = []
+    for _ in range(repeats):
+        images, start, cpu = 0, time.perf_counter(), time.process_time()
+        end = start + duration_s
+        while time.perf_counter() < end:
+            images += step()
+        elapsed = time.perf_counter() - start
+        windows.append(
+            {
+                "elapsed_s": elapsed,
+                "images": images,
+                "img_s": images / elapsed,
+                "cpu_s": time.process_time() - cpu,
+            }
+        )
+    return windows
+
+
+def pipelined(
+    entry: Any, images: list[bytes], batch: int, pool: ThreadPoolExecutor, timing: dict
+) -> Any:
+    """A step function: one forward of ``batch`` images while the next ones decode."""
+    preprocessor, runner = entry.preprocessor, entry.runner
+    cursor = 0
+    inflight: deque[Future[Any]] = deque()
+    depth = 2 * batch
+    forward_times: list[float] = timing.setdefault("forward_s", [])
+
+    def refill() -> None:
+        nonlocal cursor
+        while len(inflight) < depth:
+            inflight.append(pool.submit(preprocessor, images[cursor % len(images)]))
+            cursor += 1
+
+    def step() -> int:
+        refill()
+        tensors = [inflight.popleft().result() for _ in range(batch)]
+        refill()
+        start = time.perf_counter()
+        probs = runner.forward(runner.stack(tensors))
+        probs.max(dim=1)
+        forward_times.append(time.perf_counter() - start)
+        return batch
+
+    return step
+
+
+def single(entry: Any, images: list[bytes], latencies: list[float]) -> Any:
+    """A step function: one image, decode to answer, on this thread."""
+    preprocessor, runner = entry.preprocessor, entry.runner
+    cursor = 0
+
+    def step() -> int:
+        nonlocal cursor
+        data = images[cursor % len(images)]
+        cursor += 1
+        start = time.perf_counter()
+        probs = runner.forward(runner.stack([preprocessor(data)]))
+        probs.max(dim=1)
+        latencies.append(time.perf_counter() - start)
+        return 1
+
+    return step
+
+
+def _quantiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50_s": None, "p99_s": None, "mean_s": None}
+    ordered = sorted(values)
+    return {
+        "p50_s": ordered[len(ordered) // 2],
+        "p99_s": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+        "mean_s": statistics.fmean(ordered),
+    }
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    images = [Path(p).read_bytes() for p in spec["images"]]
+    warmup_s, duration_s = float(spec["warmup_s"]), float(spec["duration_s"])
+    repeats = int(spec.get("repeats", 3))
+    with tempfile.TemporaryDirectory(prefix="bench-limit-") as tmp:
+        registry, entry, settings = load_entry(Path(spec["archive"]), Path(tmp))
+        try:
+            import torch
+
+            result: dict[str, Any] = {
+                "torch_threads": torch.get_num_threads(),
+                "preprocess_threads": settings.pool_threads,
+                "device": str(entry.runner.device),
+                "precision": entry.runner.precision_name,
+                "channels_last": entry.runner.channels_last,
+                "pipelined": {},
+            }
+            pool = ThreadPoolExecutor(settings.pool_threads, thread_name_prefix="preprocess")
+            try:
+                for batch in spec.get("batch_sizes", [settings.max_batch_size]):
+                    timing: dict[str, list[float]] = {}
+                    step = pipelined(entry, images, int(batch), pool, timing)
+                    windows = _windows(step, warmup_s, duration_s, repeats)
+                    forward = timing.get("forward_s", [])
+                    result["pipelined"][str(batch)] = {
+                        "windows": windows,
+                        "forward_per_batch": _quantiles(forward[-200:]),
+                    }
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+            if spec.get("single", True):
+                latencies: list[float] = []
+                windows = _windows(single(entry, images, latencies), warmup_s, duration_s, repeats)
+                # the warm-up's latencies come first, then each window's in order
+                offset = len(latencies) - int(sum(w["images"] for w in windows))
+                measured = latencies[offset:]
+                for window in windows:
+                    count = int(window["images"])
+                    window.update(_quantiles(latencies[offset : offset + count]))
+                    offset += count
+                result["single"] = {"windows": windows, **_quantiles(measured)}
+            return result
+        finally:
+            registry.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        sys.stderr.write("usage: python -m bench.limit SPEC.json\n")
+        return 2
+    spec = json.loads(Path(args[0]).read_text())
+    sys.stdout.write(json.dumps(run(spec)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

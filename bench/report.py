@@ -1,0 +1,396 @@
+"""Machine and version facts, the T1-T8 ratios, and the JSON + markdown outputs of a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = (
+    "torch", "torchvision", "numpy", "pillow", "fastapi", "starlette", "uvicorn", "uvloop",
+    "httptools", "orjson", "python-multipart", "pydantic", "torchserve", "psutil",
+)  # fmt: skip
+TS_CONFIGS = ("torchserve-1w", "torchserve-2w")
+
+
+# ---------------------------------------------------------------------------------------------
+# facts
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_names() -> list[str]:
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "hostname": platform.node(),
+        "cores": os.cpu_count(),
+        "usable_cores": affinity,
+        "cpu_model": cpu_model(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpus": gpu_names(),
+        "platform": platform.platform(),
+    }
+
+
+def java_version() -> str | None:
+    java = shutil.which("java")
+    if java is None:
+        return None
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (out.stderr or out.stdout).strip().splitlines()
+    return text[0] if text else None
+
+
+def versions() -> dict[str, Any]:
+    found: dict[str, Any] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    found["java"] = java_version()
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+            cwd=Path(__file__).resolve().parents[1], check=False,
+        )  # fmt: skip
+        found["git_commit"] = commit.stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        found["git_commit"] = None
+    return found
+
+
+def service_defaults(overrides: dict[str, str]) -> dict[str, Any]:
+    """The settings the 'service' target runs with (defaults + overrides), as it computes them."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    values = {k.lower(): v for k, v in overrides.items()}
+    try:
+        settings = Settings(**values)
+    except ValidationError:  # e.g. DEVICE=cuda shown by --dry-run on a machine without CUDA
+        settings = Settings(**{k: v for k, v in values.items() if k != "device"})
+        settings = settings.model_copy(update={"device": values.get("device", "auto")})
+    return {
+        "MAX_BATCH_SIZE": settings.max_batch_size,
+        "MAX_BATCH_DELAY_MS": settings.max_batch_delay_ms,
+        "TORCH_THREADS": settings.threads,
+        "PREPROCESS_THREADS": settings.pool_threads,
+        "CHANNELS_LAST": settings.channels_last,
+        "PRECISION": settings.precision,
+        "DEVICE": settings.device,
+        "MAX_QUEUE": settings.max_queue,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# ratios
+# ---------------------------------------------------------------------------------------------
+
+
+def closed_point(models: dict[str, Any], model: str, target: str, c: int) -> dict | None:
+    data = models.get(model, {}).get("targets", {}).get(target, {})
+    for point in data.get("points", []):
+        if point["mode"] == "closed" and point["concurrency"] == c:
+            return point["median"]
+    return None
+
+
+def open_point(models: dict[str, Any], model: str, target: str, fraction: float) -> dict | None:
+    data = models.get(model, {}).get("targets", {}).get(target, {})
+    for point in data.get("points", []):
+        if point["mode"] == "open" and abs(point.get("fraction", 0) - fraction) < 1e-9:
+            return point["median"]
+    return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _entry(
+    tid: str, model: str, what: str, value: float | None, op: str, threshold: float, detail: str
+) -> dict[str, Any]:
+    passed = None
+    if value is not None:
+        passed = value >= threshold if op == ">=" else value <= threshold
+    return {"id": tid, "model": model, "what": what, "value": value, "op": op,
+            "threshold": threshold, "pass": passed, "detail": detail}  # fmt: skip
+
+
+def best_torchserve(models: dict[str, Any], model: str, c: int) -> tuple[str, dict] | None:
+    """The TorchServe configuration with the most img/s at concurrency ``c``."""
+    found = [(name, closed_point(models, model, name, c)) for name in TS_CONFIGS]
+    found = [(name, point) for name, point in found if point and point.get("img_s")]
+    return max(found, key=lambda item: item[1]["img_s"]) if found else None
+
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
+    return "-" if value is None else f"{value * scale:.{digits}f}"
+
+
+def ratios(models: dict[str, Any], c: int = 32) -> list[dict[str, Any]]:
+    out = []
+
+    def limit_img_s(model: str) -> float | None:
+        return models.get(model, {}).get("limit", {}).get("img_s")
+
+    svc18 = closed_point(models, "r18", "service", c)
+    out.append(_entry(
+        "T1", "r18", f"C={c}: service img/s / LIMIT img/s",
+        _ratio(svc18 and svc18["img_s"], limit_img_s("r18")), ">=", 0.90,
+        f"{_fmt(svc18 and svc18['img_s'])} / {_fmt(limit_img_s('r18'))} img/s",
+    ))  # fmt: skip
+    best = best_torchserve(models, "r18", c)
+    ts_name, ts = best if best else ("torchserve", None)
+    out.append(_entry(
+        "T2", "r18", f"C={c}: service img/s / best TorchServe img/s",
+        _ratio(svc18 and svc18["img_s"], ts and ts["img_s"]), ">=", 1.40,
+        f"{_fmt(svc18 and svc18['img_s'])} / {_fmt(ts and ts['img_s'])} img/s ({ts_name})",
+    ))  # fmt: skip
+    out.append(_entry(
+        "T3", "r18", f"C={c}: service p99 / best TorchServe p99",
+        _ratio(svc18 and svc18["p99_s"], ts and ts["p99_s"]), "<=", 0.60,
+        f"{_fmt(svc18 and svc18['p99_s'], 1000, 0)} / {_fmt(ts and ts['p99_s'], 1000, 0)} ms ({ts_name})",
+    ))  # fmt: skip
+    svc20 = closed_point(models, "r20", "service", c)
+    naive20 = closed_point(models, "r20", "naive", c)
+    out.append(_entry(
+        "T4", "r20", f"C={c}: service img/s / LIMIT img/s",
+        _ratio(svc20 and svc20["img_s"], limit_img_s("r20")), ">=", 0.85,
+        f"{_fmt(svc20 and svc20['img_s'])} / {_fmt(limit_img_s('r20'))} img/s",
+    ))  # fmt: skip
+    out.append(_entry(
+        "T5", "r20", f"C={c}: service img/s / naive FastAPI img/s",
+        _ratio(svc20 and svc20["img_s"], naive20 and naive20["img_s"]), ">=", 2.0,
+        f"{_fmt(svc20 and svc20['img_s'])} / {_fmt(naive20 and naive20['img_s'])} img/s",
+    ))  # fmt: skip
+    for model in models:
+        one = closed_point(models, model, "service", 1)
+        single = models[model].get("limit", {}).get("single", {}).get("p50_s")
+        out.append(_entry(
+            "T6", model, "C=1: service p50 / in-process single-image latency",
+            _ratio(one and one["p50_s"], single), "<=", 1.15,
+            f"{_fmt(one and one['p50_s'], 1000, 2)} / {_fmt(single, 1000, 2)} ms",
+        ))  # fmt: skip
+    svc50 = closed_point(models, "r50", "service", c)
+    out.append(_entry(
+        "T7", "r50", f"C={c}: service img/s / LIMIT img/s",
+        _ratio(svc50 and svc50["img_s"], limit_img_s("r50")), ">=", 0.90,
+        f"{_fmt(svc50 and svc50['img_s'])} / {_fmt(limit_img_s('r50'))} img/s",
+    ))  # fmt: skip
+    for model in models:
+        point = open_point(models, model, "service", 0.9)
+        out.append(_entry(
+            "T8", model, "open loop at 90% of capacity: service p99 / p50",
+            _ratio(point and point["p99_s"], point and point["p50_s"]), "<=", 3.0,
+            f"p99 {_fmt(point and point['p99_s'], 1000, 1)} / p50 {_fmt(point and point['p50_s'], 1000, 1)} ms",
+        ))  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+# ---------------------------------------------------------------------------------------------
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "machine"
+
+
+def write_json(result: dict[str, Any], results_dir: Path) -> Path:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    meta = result["meta"]
+    name = f"{meta['date_file']}-{slug(meta['machine']['hostname'])}"
+    if meta.get("label") not in (None, "full"):
+        name += f"-{meta['label']}"
+    path = results_dir / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    tmp.replace(path)
+    return path
+
+
+def _row(target: str, point: dict[str, Any], duration: float) -> str:
+    m = point["median"]
+    if point["mode"] == "closed":
+        load = f"C={point['concurrency']}"
+    else:
+        load = f"open {point.get('fraction', 0) * 100:.0f}% ({point['rate']:.1f}/s)"
+    errors = f"{m['error_count']:.0f}" if m["error_count"] else "0"
+    if m.get("errors"):
+        errors += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(m["errors"].items())) + ")"
+    cells = [
+        target, load, _fmt(m["req_s"]), _fmt(m["img_s"]), _fmt(m["p50_s"], 1000),
+        _fmt(m["p95_s"], 1000), _fmt(m["p99_s"], 1000), _fmt(m["max_s"], 1000), errors,
+        _fmt(m["mean_batch"], 1, 2), _fmt(m["server_cpu_s"], 1, 2),
+        _fmt(m["server_cpu_ms_per_req"], 1, 2), _fmt(m["loadgen_cpu_s"], 1, 2),
+    ]  # fmt: skip
+    if point.get("gpu"):
+        cells.append(_fmt(point["gpu"].get("util_mean_pct"), 1, 0))
+    return "| " + " | ".join(cells) + " |"
+
+
+def model_table(key: str, data: dict[str, Any], gpu: bool) -> list[str]:
+    timing = data.get("timing", {})
+    duration = float(timing.get("duration_s", 0))
+    lines = [
+        f"### {data.get('label', key)}: `{data.get('archive')}` "
+        f"({data.get('color_mode')}, {data.get('resize_mode')} to {data.get('input_size')})",
+        "",
+    ]
+    limit = data.get("limit")
+    if limit and "img_s" in limit:
+        batches = ", ".join(
+            f"batch {k.removeprefix('batch_')}: {v['img_s']:.1f} img/s"
+            for k, v in limit.items() if k.startswith("batch_")
+        )  # fmt: skip
+        single = limit.get("single", {})
+        lines.append(
+            f"LIMIT (in-process, no HTTP; {limit['settings'].get('torch_threads')} torch threads, "
+            f"{limit['settings'].get('preprocess_threads')} decode threads): {batches}; "
+            f"single image p50 {_fmt(single.get('p50_s'), 1000, 2)} ms "
+            f"({_fmt(single.get('img_s'))} img/s on one thread)."
+        )
+        lines.append("")
+    elif limit:
+        lines += [f"LIMIT: {limit.get('error') or limit.get('skipped')}", ""]
+    head = ("| target | load | req/s | img/s | p50 ms | p95 ms | p99 ms | max ms | errors | "
+            "mean batch | server CPU s | server CPU ms/req | loadgen CPU s |")  # fmt: skip
+    sep = "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"
+    if gpu:
+        head += " GPU util % |"
+        sep += "---:|"
+    lines += [
+        f"Medians of the windows ({duration:g} s each after a {timing.get('warmup_s', 0):g} s "
+        "warm-up); CPU seconds are per window.",
+        "",
+        head,
+        sep,
+    ]
+    for target, result in data.get("targets", {}).items():
+        if "points" not in result:
+            reason = result.get("skipped") or result.get("error", "?")
+            lines.append(f"| {target} | skipped: {reason.splitlines()[0][:160]} |" + " |" * 11)
+            continue
+        for point in result["points"]:
+            lines.append(_row(target, point, duration))
+    lines.append("")
+    return lines
+
+
+def ratio_table(entries: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| # | model | ratio | measured | value | must | result |",
+        "|---|---|---|---|---:|---|---|",
+    ]
+    for e in entries:
+        verdict = {True: "**pass**", False: "**FAIL**", None: "not measured"}[e["pass"]]
+        value = "-" if e["value"] is None else f"{e['value']:.2f}"
+        lines.append(
+            f"| {e['id']} | {e['model']} | {e['what']} | {e['detail']} | {value} | "
+            f"{e['op']} {e['threshold']:g} | {verdict} |"
+        )
+    lines.append("")
+    return lines
+
+
+def markdown(result: dict[str, Any], json_path: Path | None) -> str:
+    meta = result["meta"]
+    mach = meta["machine"]
+    v = meta["versions"]
+    gpu = bool(meta["config"].get("gpu"))
+    lines = [
+        f"## {meta['date']} - {meta['label']} run on {mach['hostname']}",
+        "",
+        f"- machine: {mach['cores']} cores ({mach['usable_cores']} usable), {mach['cpu_model']}, "
+        f"{mach['memory_gib']} GiB; GPU: {', '.join(mach['gpus']) or 'none'}",
+        f"- load average (1 min) at start {meta['loadavg_start'][0]:.2f}, at end "
+        f"{meta['loadavg_end'][0]:.2f}; run took {meta['wall_s'] / 60:.1f} min",
+        f"- versions: python {v['python']}, torch {v['torch']}, torchvision {v['torchvision']}, "
+        f"fastapi {v['fastapi']}, uvicorn {v['uvicorn']}, uvloop {v['uvloop']}, httptools "
+        f"{v['httptools']}, pillow {v['pillow']}, torchserve {v['torchserve']} "
+        f"({result.get('torchserve', {}).get('source') or 'not used'}), java: {v['java']}, "
+        f"commit {v['git_commit']}",
+        f"- service settings: {', '.join(f'{k}={val}' for k, val in meta['service_settings'].items())}",
+        f"- TorchServe: batch_size {meta['config']['ts_batch_size']}, max_batch_delay "
+        f"{meta['config']['ts_max_batch_delay_ms']} ms; 1 worker (torch threads default) and 2 "
+        "workers (OMP_NUM_THREADS=1); default logging",
+        f"- load: {meta['config']['body']} bodies, {meta['config']['images_per_request']} image(s) "
+        f"per request, {meta['images']['count']} JPEGs ({meta['images']['mean_bytes']} bytes mean, "
+        f"sizes {', '.join(meta['images']['sizes'])}; set {meta['images']['sha256_12']} from "
+        f"{meta['images']['directory']}); {meta['config']['repeats']} windows per point, median",
+    ]
+    if json_path is not None:
+        lines.append(f"- raw results: `{json_path.name}` in bench/results/")
+    if result.get("torchserve", {}).get("skipped"):
+        lines.append(f"- {result['torchserve']['skipped']}")
+    lines.append("")
+    for key, data in result["models"].items():
+        lines += model_table(key, data, gpu)
+    lines += ["#### Targets (ratios within this run)", ""]
+    lines += ratio_table(result["ratios"])
+    return "\n".join(lines) + "\n"
+
+
+def append_markdown(text: str, path: Path) -> None:
+    header = ""
+    if not path.exists():
+        header = (
+            "# Benchmark results\n\nAppended by `python -m bench run` (see the README's "
+            "Benchmarks section); the newest run is at the bottom. Every ratio compares "
+            "targets measured in the same run on the same machine.\n\n"
+        )
+    with path.open("a") as handle:
+        handle.write(header + text + "\n")
+
+
+def meta(cfg: Any, image_info: dict[str, Any], started: float, wall: float, load0: tuple) -> dict:
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
+        "date_file": time.strftime("%Y%m%d-%H%M", time.localtime(started)),
+        "label": cfg.label,
+        "machine": machine(),
+        "versions": versions(),
+        "config": cfg.to_dict(),
+        "service_settings": service_defaults(cfg.service_settings()),
+        "images": image_info,
+        "loadavg_start": load0,
+        "loadavg_end": os.getloadavg(),
+        "wall_s": wall,
+    }

@@ -1,0 +1,422 @@
+"""Runs the plan: for each model the LIMIT, then each HTTP target at each load point.
+
+Every load point is a fresh load-generator process (``bench.loadgen``) doing a warm-up and
+``repeats`` windows; a point's figures are the medians over its windows. Targets run one at a
+time, so they never share the 2 cores with each other, only with the load generator (whose
+CPU seconds are reported). A target that cannot start is recorded with its error and the run
+goes on; every process started is killed by pid at the end, whatever happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from . import archives, images, targets
+from .config import BenchConfig, Timing
+from .gpu import GpuSampler
+
+MEDIAN_KEYS = (
+    "req_s", "img_s", "p50_s", "p95_s", "p99_s", "max_s", "mean_s", "mean_batch",
+    "server_cpu_s", "loadgen_cpu_s", "error_count", "late", "dropped",
+)  # fmt: skip
+
+
+def median_of(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per key, the median over the windows (keys with no values are None)."""
+    out: dict[str, Any] = {}
+    for key in MEDIAN_KEYS:
+        values = [w[key] for w in windows if w.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    ok = [w["ok"] for w in windows]
+    cpu = [w["server_cpu_s"] for w in windows if w.get("server_cpu_s") is not None]
+    out["ok"] = sum(ok)
+    out["server_cpu_ms_per_req"] = (
+        1000 * sum(cpu) / sum(ok) if cpu and sum(ok) else None
+    )  # fmt: skip
+    out["errors"] = {}
+    for window in windows:
+        for kind, count in window.get("errors", {}).items():
+            out["errors"][kind] = out["errors"].get(kind, 0) + count
+    return out
+
+
+def merge_loadgen(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several load-generator processes on one point -> one result (raw latencies merged)."""
+    from .loadgen import percentile
+
+    if len(results) == 1:
+        return results[0]
+    merged = dict(results[0])
+    windows = []
+    for index, first in enumerate(results[0]["windows"]):
+        parts = [r["windows"][index] for r in results]
+        lat = sorted(x for p in parts for x in p.get("latencies", []))
+        window = dict(first)
+        for key in ("ok", "req_s", "img_s", "loadgen_cpu_s", "error_count", "late", "dropped"):
+            window[key] = sum(p.get(key) or 0 for p in parts)
+        errors: dict[str, int] = {}
+        for part in parts:
+            for kind, count in part["errors"].items():
+                errors[kind] = errors.get(kind, 0) + count
+        window.update(
+            errors=errors, p50_s=percentile(lat, 0.5), p95_s=percentile(lat, 0.95),
+            p99_s=percentile(lat, 0.99), max_s=lat[-1] if lat else None,
+            mean_s=sum(lat) / len(lat) if lat else None, latencies=[],
+        )  # fmt: skip
+        windows.append(window)
+    merged["windows"] = windows
+    merged["loadgen_cpu_total_s"] = sum(r["loadgen_cpu_total_s"] for r in results)
+    merged["processes"] = len(results)
+    return merged
+
+
+MAX_WARMUP_S = 20.0
+
+
+def warmed(timing: Timing, concurrency: int, rate: float | None) -> Timing:
+    """The point's timing with a warm-up of at least 1.5 rounds of the closed loop.
+
+    At C=64 and 8 req/s one round (every connection answered once) takes 8 s: until then the
+    server is still draining the first burst, not in steady state.
+    """
+    if not rate:
+        return timing
+    cycle = 1.5 * concurrency / rate
+    return Timing(warmup_s=min(MAX_WARMUP_S, max(timing.warmup_s, cycle)),
+                  duration_s=timing.duration_s)  # fmt: skip
+
+
+class Runner:
+    def __init__(self, cfg: BenchConfig, *, log: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.tracker = targets.Tracker()
+        self.started = time.monotonic()
+        self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.logs = cfg.cache / "logs" / stamp
+        self.spec_dir = Path(tempfile.mkdtemp(prefix="bench-specs-"))
+        self.image_set: images.ImageSet | None = None
+        self.ts_binary: Path | None = None
+        self.ts_problem: str | None = None
+        self.ts_source: str | None = None
+
+    def log(self, message: str) -> None:
+        elapsed = time.monotonic() - self.started
+        self._log(f"[bench {elapsed:6.0f}s] {message}")
+
+    # -- preparation ----------------------------------------------------------------------
+
+    def prepare(self) -> dict[str, Path]:
+        cfg = self.cfg
+        self.image_set = images.ensure(cfg.images_dir, cfg.cache)
+        self.log(f"images: {len(self.image_set.files)} files from {self.image_set.directory}")
+        built = {}
+        for key in cfg.models:
+            built[key] = archives.ensure(
+                archives.MODELS[key], cfg.cache, rebuild=cfg.rebuild_archives, log=self.log
+            )
+        if any(t.startswith("torchserve") for t in cfg.targets):
+            try:
+                self.ts_binary, self.ts_source = targets.find_torchserve(
+                    install=cfg.install_torchserve
+                )
+                self.log(f"torchserve: {self.ts_binary} from {self.ts_source}")
+            except targets.TargetUnavailable as exc:
+                self.ts_problem = str(exc)
+                self.log(self.ts_problem)
+        return built
+
+    # -- measuring ------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        try:
+            built = self.prepare()
+            models = {}
+            for key in self.cfg.models:
+                models[key] = self.run_model(key, built[key])
+            return {"models": models, "torchserve": self._ts_info()}
+        finally:
+            killed = self.tracker.kill_all()
+            if killed:
+                self.log(f"killed leftover processes {killed}")
+            with contextlib.suppress(OSError):
+                for path in self.spec_dir.iterdir():
+                    path.unlink()
+                self.spec_dir.rmdir()
+
+    def _ts_info(self) -> dict[str, Any]:
+        return {"binary": str(self.ts_binary) if self.ts_binary else None,
+                "source": self.ts_source, "skipped": self.ts_problem}  # fmt: skip
+
+    def run_model(self, key: str, archive: Path) -> dict[str, Any]:
+        from trainer.archive import read_card
+
+        card = read_card(archive)
+        spec = archives.MODELS[key]
+        result: dict[str, Any] = {
+            "label": spec.label,
+            "archive": archive.name,
+            "arch": card.arch,
+            "input_size": list(card.input_size),
+            "color_mode": card.preprocess_spec.color_mode,
+            "resize_mode": card.preprocess_spec.resize_mode,
+            "timing": vars(self.cfg.timing_for(key)),
+            "targets": {},
+        }
+        for target in self.cfg.targets_for(key):
+            self.log(f"{key}: {target}")
+            try:
+                if target == "limit":
+                    result["limit"] = self.run_limit(key, archive)
+                else:
+                    result["targets"][target] = self.run_target(key, target, archive, card)
+            except targets.TargetUnavailable as exc:
+                result["targets"][target] = {"skipped": str(exc)}
+                self.log(str(exc))
+            except Exception as exc:  # noqa: BLE001 - record, clean up, go on with the next
+                self.log(f"{key}: {target} failed: {exc}")
+                bucket = result if target == "limit" else result["targets"]
+                bucket[target] = {"error": f"{type(exc).__name__}: {exc}"[:4000]}
+            finally:
+                self.tracker.kill_all()
+        return result
+
+    def run_limit(self, key: str, archive: Path) -> dict[str, Any]:
+        cfg = self.cfg
+        timing = cfg.timing_for(key)
+        batches = sorted({*cfg.limit_batches, cfg.max_batch_size()})
+        spec = {
+            "archive": str(archive),
+            "images": [str(p) for p in self.image_set.files],
+            "warmup_s": timing.warmup_s,
+            "duration_s": timing.duration_s,
+            "repeats": cfg.repeats,
+            "batch_sizes": batches,
+            "single": True,
+        }
+        path = self._write_spec(f"limit-{key}", spec)
+        env = targets.base_env(cfg.service_settings())
+        budget = 120 + (len(batches) + 1) * (timing.warmup_s + cfg.repeats * timing.duration_s) * 3
+        with self._gpu_sampled() as gpu:
+            out = self._child([sys.executable, "-m", "bench.limit", str(path)], env, budget)
+        raw = json.loads(out)
+        summary: dict[str, Any] = {
+            "settings": {k: raw[k] for k in raw if k not in ("pipelined", "single")}
+        }
+        best = None
+        for batch, data in raw["pipelined"].items():
+            img_s = statistics.median(w["img_s"] for w in data["windows"])
+            cpu = statistics.median(w["cpu_s"] for w in data["windows"])
+            summary[f"batch_{batch}"] = {
+                "img_s": img_s, "cpu_s": cpu, "forward_per_batch": data["forward_per_batch"],
+                "windows": data["windows"],
+            }  # fmt: skip
+            if best is None or img_s > best[1]:
+                best = (int(batch), img_s)
+            self.log(f"{key}: limit batch {batch}: {img_s:.1f} img/s")
+        single = raw.get("single")
+        if single:
+            p50 = statistics.median(w["p50_s"] for w in single["windows"] if w["p50_s"])
+            summary["single"] = {
+                "p50_s": p50, "p99_s": single["p99_s"], "mean_s": single["mean_s"],
+                "img_s": statistics.median(w["img_s"] for w in single["windows"]),
+                "windows": single["windows"],
+            }  # fmt: skip
+            self.log(f"{key}: limit single image: p50 {p50 * 1000:.1f} ms")
+        if best is not None:
+            summary["best_batch"], summary["img_s"] = best
+        summary["gpu"] = gpu.summary() if gpu else None
+        return summary
+
+    def run_target(self, key: str, target: str, archive: Path, card: Any) -> dict[str, Any]:
+        with self._start(target, archive, card) as endpoint:
+            for pid in endpoint.pids:
+                self.tracker.add_tree(pid)
+            self.log(f"{key}: {target} ready in {endpoint.started_s:.1f} s")
+            result: dict[str, Any] = {
+                "settings": endpoint.settings,
+                "startup_s": endpoint.started_s,
+                "points": [],
+            }
+            timing = self.cfg.timing_for(key)
+            rate = None  # req/s of the previous point: sizes the next warm-up
+            for concurrency in self.cfg.concurrency:
+                point = self.measure(
+                    endpoint, warmed(timing, concurrency, rate), mode="closed",
+                    concurrency=concurrency,
+                )  # fmt: skip
+                result["points"].append(point)
+                rate = point["median"]["req_s"] or rate
+                self._log_point(key, target, point)
+            closed = [p for p in result["points"] if p["median"]["req_s"]]
+            if target in self.cfg.open_loop_targets and closed:
+                best = max(closed, key=lambda p: p["median"]["req_s"])
+                capacity = best["median"]["req_s"]
+                result["capacity_req_s"] = capacity
+                for fraction in self.cfg.open_loop:
+                    point = self.measure(
+                        endpoint, timing, mode="open", rate=capacity * fraction,
+                        max_connections=max(64, 4 * max(self.cfg.concurrency)),
+                    )  # fmt: skip
+                    point["fraction"] = fraction
+                    result["points"].append(point)
+                    self._log_point(key, target, point)
+            return result
+
+    @contextlib.contextmanager
+    def _start(self, target: str, archive: Path, card: Any) -> Iterator[targets.Endpoint]:
+        cfg = self.cfg
+        logs = self.logs / archive.stem
+        if target == "service":
+            with targets.service(target, archive, logs, self.tracker, cfg.service_settings()) as ep:
+                yield ep
+        elif target == "service-mbs1":
+            settings = {**cfg.service_settings(), "MAX_BATCH_SIZE": "1"}
+            with targets.service(target, archive, logs, self.tracker, settings) as ep:
+                yield ep
+        elif target == "naive":
+            device = "cuda" if cfg.gpu else "cpu"
+            with targets.naive(archive, logs, self.tracker, device=device) as ep:
+                yield ep
+        elif target.startswith("torchserve"):
+            if self.ts_binary is None:
+                raise targets.TargetUnavailable(self.ts_problem or "TorchServe skipped")
+            workers = int(target.removeprefix("torchserve-").removesuffix("w"))
+            omp = 1 if workers > 1 else None
+            with targets.torchserve(
+                self.ts_binary, archive, card.name, logs, self.tracker, workers=workers,
+                omp_threads=omp, batch_size=cfg.ts_batch_size,
+                max_batch_delay_ms=cfg.ts_max_batch_delay_ms,
+            ) as ep:  # fmt: skip
+                yield ep
+        else:
+            raise ValueError(f"unknown target {target}")
+
+    def measure(self, endpoint: targets.Endpoint, timing: Any, **load: Any) -> dict[str, Any]:
+        cfg = self.cfg
+        procs = max(1, cfg.loadgen_procs)
+        base = {
+            "host": "127.0.0.1",
+            "port": endpoint.port,
+            "path": endpoint.path,
+            "images": [str(p) for p in self.image_set.files],
+            "body": cfg.body,
+            "images_per_request": cfg.images_per_request,
+            "warmup_s": timing.warmup_s,
+            "duration_s": timing.duration_s,
+            "repeats": cfg.repeats,
+            "timeout_s": 60.0,
+            "pids": endpoint.pids,
+            "batch_probe": endpoint.batch_probe,
+            "raw_latencies": procs > 1,
+        }
+        specs = []
+        for index in range(procs):
+            spec = {**base, **load}
+            if "concurrency" in load:
+                spec["concurrency"] = max(
+                    1, load["concurrency"] // procs + (index < load["concurrency"] % procs)
+                )
+            if "rate" in load:
+                spec["rate"] = load["rate"] / procs
+            if index > 0:  # one process reads the server's counters
+                spec["batch_probe"] = None
+            specs.append(spec)
+        budget = 90 + timing.warmup_s + cfg.repeats * timing.duration_s * 2
+        with self._gpu_sampled() as gpu:
+            outputs = self._loadgen(specs, budget)
+        result = merge_loadgen(outputs)
+        for window in result["windows"]:
+            window.pop("latencies", None)
+        return {
+            **{k: v for k, v in result.items() if k != "windows"},
+            "warmup_s": timing.warmup_s,
+            "duration_s": timing.duration_s,
+            "windows": result["windows"],
+            "median": median_of(result["windows"]),
+            "gpu": gpu.summary() if gpu else None,
+        }
+
+    def _loadgen(self, specs: list[dict[str, Any]], budget: float) -> list[dict[str, Any]]:
+        procs = []
+        try:
+            for index, spec in enumerate(specs):
+                path = self._write_spec(f"loadgen-{index}", spec)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "bench.loadgen", str(path)], cwd=targets.ROOT,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                )  # fmt: skip
+                self.tracker.add(proc.pid)
+                procs.append(proc)
+            outputs = []
+            for proc in procs:
+                out, err = proc.communicate(timeout=budget)
+                if proc.returncode != 0:
+                    raise RuntimeError(
+                        f"load generator failed ({proc.returncode}): {err.decode()[-2000:]}"
+                    )
+                outputs.append(json.loads(out))
+            return outputs
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+
+    def _child(self, argv: list[str], env: dict[str, str], timeout: float) -> str:
+        proc = subprocess.Popen(
+            argv, cwd=targets.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.tracker.add(proc.pid)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{argv[2]} failed ({proc.returncode}): {err.decode()[-3000:]}")
+        return out.decode()
+
+    @contextlib.contextmanager
+    def _gpu_sampled(self) -> Iterator[GpuSampler | None]:
+        if not self.cfg.gpu:
+            yield None
+            return
+        sampler = GpuSampler()
+        sampler.start()
+        try:
+            yield sampler
+        finally:
+            sampler.stop()
+
+    def _write_spec(self, name: str, spec: dict[str, Any]) -> Path:
+        path = self.spec_dir / f"{name}.json"
+        path.write_text(json.dumps(spec))
+        return path
+
+    def _log_point(self, key: str, target: str, point: dict[str, Any]) -> None:
+        m = point["median"]
+        where = (
+            f"C={point['concurrency']}"
+            if point["mode"] == "closed"
+            else f"open {point['rate']:.1f}/s"
+        )
+        p50 = f"{m['p50_s'] * 1000:.1f}" if m["p50_s"] is not None else "-"
+        p99 = f"{m['p99_s'] * 1000:.1f}" if m["p99_s"] is not None else "-"
+        batch = f"{m['mean_batch']:.1f}" if m["mean_batch"] is not None else "-"
+        self.log(
+            f"{key}: {target} {where}: {m['img_s']:.1f} img/s, p50 {p50} ms, p99 {p99} ms, "
+            f"batch {batch}, errors {m['error_count']:.0f}, server CPU {m['server_cpu_s'] or 0:.2f} s, "
+            f"loadgen CPU {m['loadgen_cpu_s']:.2f} s"
+        )

@@ -1,0 +1,346 @@
+"""The benchmark harness: its pure parts, and short real runs against the real service.
+
+The slow tests run ``python -m bench run`` as a user would (a 0-epoch ResNet-20 archive built
+through the trainer CLI, the service started on loopback, the load generator, the LIMIT) with
+windows of a second or two, and check the outputs and that no process is left behind, also
+when the run is stopped with SIGTERM halfway.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from python_multipart.multipart import MultipartParser
+
+from bench import archives, images, report
+from bench.config import Timing
+from bench.experiment import parse_raw, stage_of, summarize_profile
+from bench.loadgen import (
+    Window,
+    build_requests,
+    parse_prometheus_sums,
+    parse_ts_metrics,
+    percentile,
+    summarize,
+)
+from bench.runner import median_of, warmed
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# pure parts
+# ---------------------------------------------------------------------------------------------
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.50) == 50.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile(values, 1.0) == 100.0
+    assert percentile([7.0], 0.99) == 7.0
+    assert percentile([], 0.5) is None
+
+
+def test_summarize_counts_only_successes_in_latencies() -> None:
+    window = Window(latencies=[0.01, 0.02, 0.03, 0.04])
+    window.errors["503"] += 2
+    out = summarize(window, elapsed=2.0, images_per_request=3)
+    assert out["ok"] == 4
+    assert out["req_s"] == 2.0
+    assert out["img_s"] == 6.0
+    assert out["error_count"] == 2
+    assert out["p50_s"] == 0.02
+    assert out["max_s"] == 0.04
+
+
+def test_raw_requests_are_complete_http() -> None:
+    requests = build_requests(
+        host="127.0.0.1", port=8000, path="/predict", images=[("a.jpg", b"\xff\xd8abc")]
+    )
+    head, _, body = requests[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /predict HTTP/1.1\r\n")
+    assert b"Content-Type: image/jpeg" in head
+    assert b"Content-Length: 5" in head
+    assert body == b"\xff\xd8abc"
+
+
+def test_multipart_requests_parse_back_into_the_images() -> None:
+    data = [("a.jpg", b"first image"), ("b.png", b"second\r\n--image")]
+    request = build_requests(
+        host="h", port=1, path="/p", images=data, body="multipart", images_per_request=2
+    )[1]
+    head, _, body = request.partition(b"\r\n\r\n")
+    boundary = head.split(b"boundary=")[1].split(b"\r\n")[0]
+    parts: list[bytes] = []
+    current = bytearray()
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": lambda: current.clear(),
+            "on_part_data": lambda buf, start, end: current.extend(buf[start:end]),
+            "on_part_end": lambda: parts.append(bytes(current)),
+        },
+    )
+    parser.write(body)
+    parser.finalize()
+    assert parts == [b"second\r\n--image", b"first image"]  # request 1 starts at image 1
+    assert int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]) == len(body)
+
+
+def test_raw_body_refuses_several_images() -> None:
+    with pytest.raises(ValueError, match="exactly one image"):
+        build_requests(host="h", port=1, path="/", images=[b"x"], images_per_request=2)
+
+
+def test_prometheus_sums_add_every_label_set() -> None:
+    text = "\n".join(
+        [
+            "# HELP imgserve_batch_size Images per forward pass",
+            'imgserve_batch_size_bucket{model="a",version="1",le="1.0"} 3.0',
+            'imgserve_batch_size_sum{model="a",version="1"} 40.0',
+            'imgserve_batch_size_count{model="a",version="1"} 5.0',
+            'imgserve_batch_size_sum{model="b",version="2"} 2.0',
+            'imgserve_batch_size_count{model="b",version="2"} 1.0',
+            "imgserve_batch_size_created 1.7e9",
+        ]
+    )
+    assert parse_prometheus_sums(text, "imgserve_batch_size") == (42.0, 6.0)
+
+
+def test_torchserve_metrics_log_gives_requests_per_handler_call() -> None:
+    lines = [
+        "2026-01-01T00:00:00,000 - PredictionTime.ms:12.3|#ModelName:bench-r20,Level:Model|"
+        "#type:GAUGE|#hostname:h,requestID:a1,b2,c3,timestamp:1700000000",
+        "2026-01-01T00:00:01,000 - PredictionTime.ms:4.0|#ModelName:bench-r20,Level:Model|"
+        "#type:GAUGE|#hostname:h,requestID:d4,timestamp:1700000001",
+        "2026-01-01T00:00:01,000 - PredictionTime.ms:4.0|#ModelName:other,Level:Model|"
+        "#type:GAUGE|#hostname:h,1700000001,requestID:e5,f6",
+        "2026-01-01T00:00:01,000 - HandlerTime.ms:3.0|#ModelName:bench-r20,Level:Model|x",
+    ]
+    assert parse_ts_metrics("\n".join(lines), "bench-r20") == (4.0, 2.0)
+
+
+def test_median_of_windows_and_cpu_per_request() -> None:
+    windows = [
+        {"req_s": 10.0, "img_s": 10.0, "p99_s": 0.5, "ok": 20, "server_cpu_s": 2.0,
+         "errors": {"503": 1}, "mean_batch": None},
+        {"req_s": 30.0, "img_s": 30.0, "p99_s": 0.1, "ok": 60, "server_cpu_s": 2.0, "errors": {}},
+        {"req_s": 20.0, "img_s": 20.0, "p99_s": 0.2, "ok": 40, "server_cpu_s": 2.0, "errors": {}},
+    ]  # fmt: skip
+    out = median_of(windows)
+    assert out["req_s"] == 20.0
+    assert out["p99_s"] == 0.2
+    assert out["mean_batch"] is None
+    assert out["errors"] == {"503": 1}
+    assert out["server_cpu_ms_per_req"] == pytest.approx(1000 * 6.0 / 120)
+
+
+def test_warm_up_covers_a_round_of_the_closed_loop() -> None:
+    base = Timing(warmup_s=2.0, duration_s=4.0)
+    assert warmed(base, 64, None) == base
+    assert warmed(base, 8, 100.0).warmup_s == 2.0
+    assert warmed(base, 64, 8.0).warmup_s == 12.0
+    assert warmed(base, 64, 1.0).warmup_s == 20.0  # bounded
+
+
+def _point(img_s: float, p50: float, p99: float) -> dict:
+    return {
+        "mode": "closed",
+        "concurrency": 32,
+        "median": {"img_s": img_s, "p50_s": p50, "p99_s": p99},
+    }
+
+
+def test_ratios_pass_and_fail_from_one_run() -> None:
+    models = {
+        "r18": {
+            "limit": {"img_s": 50.0, "single": {"p50_s": 0.05}},
+            "targets": {
+                "service": {"points": [
+                    _point(47.0, 0.5, 0.6),
+                    {"mode": "closed", "concurrency": 1, "median": {"img_s": 18, "p50_s": 0.055, "p99_s": 0.07}},
+                    {"mode": "open", "fraction": 0.9, "rate": 40.0, "median": {"p50_s": 0.2, "p99_s": 0.5}},
+                ]},
+                "torchserve-1w": {"points": [_point(30.0, 0.9, 1.2)]},
+                "torchserve-2w": {"points": [_point(20.0, 1.5, 2.0)]},
+            },
+        },
+        "r20": {"limit": {"img_s": 200.0}, "targets": {"service": {"points": [_point(150.0, 0.2, 0.3)]},
+                                                        "naive": {"points": [_point(100.0, 0.3, 0.9)]}}},
+    }  # fmt: skip
+    found = {(e["id"], e["model"]): e for e in report.ratios(models)}
+    assert found[("T1", "r18")]["value"] == pytest.approx(0.94)
+    assert found[("T1", "r18")]["pass"] is True
+    assert found[("T2", "r18")]["value"] == pytest.approx(47 / 30)  # best TorchServe = 1 worker
+    assert found[("T3", "r18")]["value"] == pytest.approx(0.5)
+    assert found[("T4", "r20")]["pass"] is False  # 0.75 < 0.85
+    assert found[("T5", "r20")]["pass"] is False  # 1.5 < 2
+    assert found[("T6", "r18")]["value"] == pytest.approx(1.1)
+    assert found[("T6", "r20")]["pass"] is None  # not measured
+    assert found[("T7", "r50")]["pass"] is None
+    assert found[("T8", "r18")]["value"] == pytest.approx(2.5)
+    text = "\n".join(report.ratio_table(report.ratios(models)))
+    assert "**FAIL**" in text
+    assert "not measured" in text
+
+
+def test_profile_stacks_are_attributed_to_pipeline_stages() -> None:
+    raw = "\n".join(
+        [
+            "thread (0x7f01): infer-m;_run (service/batching.py:10);forward (service/inference.py:99);"
+            "_conv_forward (torch/nn/modules/conv.py:5) 30",
+            "thread (0x7f02): preprocess_0;_worker (concurrent/futures/thread.py:1);"
+            "decode_to_tensor (service/imaging.py:3);load (PIL/ImageFile.py:9) 20",
+            "thread (0x7f03): MainThread;run (asyncio/runners.py:1) 10",
+        ]
+    )
+    stacks = parse_raw(raw)
+    assert [count for _, count in stacks] == [30, 20, 10]
+    assert stage_of(stacks[0][0]) == "forward: model"
+    assert stage_of(stacks[1][0]) == "decode: Pillow"
+    summary = summarize_profile(stacks)
+    assert summary["samples"] == 60
+    assert summary["stages"][0] == ("forward: model", 50.0)
+    assert summary["threads"][0] == ("thread: infer-m", 50.0)
+
+
+def test_generated_images_are_mixed_size_jpegs(tmp_path: Path) -> None:
+    image_set = images.generate(tmp_path, count=8)
+    info = image_set.describe()
+    assert info["count"] == 8
+    assert set(info["sizes"]) == {f"{w}x{h}" for w, h in images.SIZES}
+    assert all(path.read_bytes()[:3] == b"\xff\xd8\xff" for path in image_set.files)
+    again = images.generate(tmp_path / "again", count=8)
+    assert again.digest() == image_set.digest()  # deterministic: same set every time
+
+
+def test_dry_run_prints_the_plan_and_starts_nothing() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "run", "--gpu", "--dry-run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "r50" in done.stdout
+    assert "'DEVICE': 'cuda'" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# real runs (slow)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bench_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache with the r20 archive built through the trainer CLI (0 epochs) and the images."""
+    cache = tmp_path_factory.mktemp("bench_cache")
+    archives.ensure(archives.MODELS["r20"], cache)
+    images.ensure(None, cache)
+    return cache
+
+
+def _ours(cache: Path) -> list[psutil.Process]:
+    """Live processes started for a run on ``cache`` (service: MODEL_STORE under it)."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            env = proc.environ()
+        except (psutil.Error, OSError):
+            continue
+        if str(cache) in env.get("MODEL_STORE", "") or str(cache) in env.get("BENCH_ARCHIVE", ""):
+            found.append(proc)
+    return found
+
+
+def _loading(pid: int) -> bool:
+    """Whether the bench process ``pid`` has a load generator running."""
+    try:
+        family = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return False
+    for child in family:
+        try:
+            if "bench.loadgen" in " ".join(child.cmdline()):
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
+def _run_bench(cache: Path, tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
+    argv = [
+        sys.executable, "-m", "bench", "run", "--models", "r20", "--repeats", "1",
+        "--warmup", "0.5", "--cache", str(cache), "--results-dir", str(tmp_path / "results"),
+        "--results-md", str(tmp_path / "RESULTS.md"), "--label", "smoke", *extra,
+    ]  # fmt: skip
+    return subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+@pytest.mark.slow
+def test_short_run_against_the_real_service(bench_cache: Path, tmp_path: Path) -> None:
+    proc = _run_bench(
+        bench_cache, tmp_path, "--targets", "limit,service,naive", "--concurrency", "1,32",
+        "--open-loop", "0.9", "--duration", "2", "--limit-batches", "4",
+    )  # fmt: skip
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    [path] = (tmp_path / "results").glob("*.json")
+    result = json.loads(path.read_text())
+    r20 = result["models"]["r20"]
+    assert r20["limit"]["img_s"] > 0
+    assert r20["limit"]["single"]["p50_s"] > 0
+    service = r20["targets"]["service"]
+    loads = [(p["mode"], p["concurrency"]) for p in service["points"]]
+    assert loads == [("closed", 1), ("closed", 32), ("open", None)]
+    for point in service["points"]:
+        m = point["median"]
+        assert m["req_s"] > 0
+        assert m["error_count"] == 0
+        assert m["p50_s"] <= m["p99_s"] <= m["max_s"]
+        assert m["server_cpu_s"] > 0
+        assert m["loadgen_cpu_s"] > 0
+    assert service["points"][0]["median"]["mean_batch"] == 1.0  # C=1: one image per forward
+    naive = r20["targets"]["naive"]["points"]
+    assert all(p["median"]["req_s"] > 0 and p["median"]["error_count"] == 0 for p in naive)
+    ids = {(e["id"], e["model"]) for e in result["ratios"] if e["pass"] is not None}
+    assert {("T4", "r20"), ("T5", "r20"), ("T6", "r20"), ("T8", "r20")} <= ids
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| service | C=32 |" in text
+    assert "| T4 | r20 |" in text
+    assert not _ours(bench_cache), "the run left processes behind"
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_leaves_no_process(bench_cache: Path, tmp_path: Path) -> None:
+    proc = _run_bench(bench_cache, tmp_path, "--targets", "service", "--concurrency", "1",
+                      "--duration", "30")  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not _loading(proc.pid):  # the service is up and under load (for 30 s)
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the load point never started"
+            time.sleep(0.5)
+        time.sleep(2)
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert _ours(bench_cache)
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode != 0
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, f"SIGTERM left processes behind: {alive}"
+    assert not _ours(bench_cache)
+    assert not list((tmp_path / "results").glob("*.json"))
