@@ -24,13 +24,10 @@ Decisions (the HTTP contract in issue 3 and the hostile-input rules in issue 6):
   and Pillow releases the GIL while decoding, so calls from a thread pool run in parallel.
 - **First frame** of GIF, APNG, animated WebP, multi-page TIFF and MPO; **EXIF orientation**
   applied (``ImageOps.exif_transpose``; unreadable EXIF is ignored, not an error).
-- **Modes.** Transparency (LA, RGBA, PA, P with a transparent colour) is composited on
-  **white**, then converted: the same rule as ``trainer.data.datasets.decode_image``, the
-  decoder the trainer used for image folders, so a served model sees what it was trained on.
-  16-bit (I;16*) and 32-bit integer (I) images are scaled from 0..65535 to 0..255 (Pillow's own
-  ``convert`` would clip everything above 255 to white); float (F) images are scaled by 255 when
-  they lie in 0..1, else clipped to 0..255. CMYK, YCbCr, HSV, LAB and 1-bit go through
-  Pillow's converters. Anything else -> 415.
+- **Modes.** ``trainer.data.pixels.to_color_mode``, the one rule the trainer also decodes
+  image folders with, so a served model sees what it was trained on: transparency composited
+  on **white**, 16-bit and 32-bit grayscale scaled (not clipped) to 8 bits, CMYK, YCbCr, HSV,
+  LAB and 1-bit through Pillow's converters. Anything else -> 415.
 - **Speed.** With ``target_size`` (the size the image is resized to next), a JPEG at least
   four times larger on both sides is decoded by libjpeg at 1/2, 1/4 or 1/8 scale
   (``Image.draft``), never below twice the target, and directly in grayscale for "L" models.
@@ -53,6 +50,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from trainer.data.pixels import COLOR_MODES, to_color_mode
+
 try:  # deprecated in torchvision 0.29 (TorchCodec replaces it): optional, Pillow otherwise
     from torchvision.io import ImageReadMode as _TvReadMode
     from torchvision.io import decode_jpeg as _tv_decode_jpeg
@@ -62,13 +61,9 @@ except ImportError:  # pragma: no cover - torchvision without its image codecs
 
 FORMATS: Final = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 ACCEPTED: Final = "JPEG, PNG, WebP, BMP, GIF or TIFF"
-COLOR_MODES: Final = ("L", "RGB")
-BACKGROUND: Final = (255, 255, 255, 255)  # transparent pixels become white (as in the trainer)
 DRAFT_MARGIN: Final = 2  # a draft decode keeps at least this many times the target size
 
 _BMP_HEADER_SIZES: Final = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
-_ALPHA_MODES: Final = frozenset({"LA", "La", "RGBA", "RGBa", "PA"})
-_WIDE_GRAY_MODES: Final = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _SWAPPING_ORIENTATIONS: Final = frozenset({5, 6, 7, 8})  # EXIF orientations that transpose
 _GIF_SCAN_LIMIT: Final = 1 << 20  # header bytes scanned for the first GIF image descriptor
 
@@ -155,27 +150,9 @@ def convert_mode(image: Image.Image, color_mode: str) -> Image.Image:
     if color_mode not in COLOR_MODES:
         raise ValueError(f"color_mode must be 'L' or 'RGB', not {color_mode!r}")
     try:
-        return _convert(image, color_mode)
+        return to_color_mode(image, color_mode)
     except ValueError as exc:  # Pillow has no converter for this mode
         raise ImageRejected(415, f"unsupported pixel format {image.mode}: {exc}") from None
-
-
-def _convert(image: Image.Image, color_mode: str) -> Image.Image:
-    if image.mode in _WIDE_GRAY_MODES or image.mode == "F":
-        image = _to_8bit_gray(image)
-    elif image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    elif image.mode == "La":  # premultiplied: Pillow converts it only to LA
-        image = image.convert("LA")
-    if image.mode in _ALPHA_MODES:
-        white = Image.new("RGBA", image.size, BACKGROUND)
-        image = Image.alpha_composite(white, image.convert("RGBA"))
-    if image.mode == color_mode:
-        return image
-    try:
-        return image.convert(color_mode)
-    except ValueError:  # no direct converter (LAB -> L): go through RGB
-        return image.convert("RGB").convert(color_mode)
 
 
 def to_tensor(image: Image.Image, color_mode: str) -> torch.Tensor:
@@ -336,19 +313,6 @@ def _apply_exif_orientation(image: Image.Image) -> None:
         ImageOps.exif_transpose(image, in_place=True)
     except Exception:  # noqa: BLE001, S110 - corrupt EXIF: serve the pixels as stored
         return
-
-
-def _to_8bit_gray(image: Image.Image) -> Image.Image:
-    """16-bit / 32-bit int / float grayscale -> "L", scaling instead of clipping."""
-    values = np.asarray(image)
-    if image.mode == "F":
-        values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
-        scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
-        scaled = np.clip(np.rint(values * scale), 0, 255)
-    else:  # 0..65535 -> 0..255 with rounding (x / 257)
-        wide = np.clip(values.astype(np.int64), 0, 65535)
-        scaled = (wide * 255 + 32767) // 65535
-    return Image.fromarray(scaled.astype(np.uint8), mode="L")
 
 
 def _reason(exc: BaseException) -> str:

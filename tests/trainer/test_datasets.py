@@ -287,6 +287,21 @@ def test_decode_image_applies_exif_rotation_and_transparency() -> None:
     assert decode_image(io.BytesIO(png.getvalue()), "L").shape == (1, 4, 5)
 
 
+def test_decode_image_scales_16_bit_gray_and_reads_premultiplied_alpha() -> None:
+    # 16-bit PNG: Pillow's own convert("L") would clip every value above 255 to white
+    wide = np.array([[0, 257, 32768, 65535]], dtype=np.uint16)
+    png = io.BytesIO()
+    Image.fromarray(wide).save(png, format="PNG")  # mode I;16
+    assert decode_image(io.BytesIO(png.getvalue()), "L").flatten().tolist() == [0, 1, 128, 255]
+    assert decode_image(io.BytesIO(png.getvalue()), "RGB")[:, 0, 2].tolist() == [128] * 3
+    # "La" (premultiplied alpha) has no direct converter to L or RGB in Pillow
+    premultiplied = Image.new("La", (3, 2), (100, 0))  # fully transparent -> white
+    tiff = io.BytesIO()
+    premultiplied.convert("LA").save(tiff, format="TIFF")
+    assert decode_image(io.BytesIO(tiff.getvalue()), "L").unique().tolist() == [255]
+    assert datasets.to_color_mode(premultiplied, "RGB").getpixel((0, 0)) == (255, 255, 255)
+
+
 # ---------------------------------------------------------------------------------------------
 # torchvision datasets offline
 # ---------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from torchvision import datasets as tv_datasets
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import TrainerError
+from .pixels import to_color_mode
 from .presets import PreprocessSpec
 
 SPLIT_SEED = 0
@@ -136,8 +137,9 @@ def with_transform(dataset: Dataset[Sample], transform: Callable[[Tensor], Any])
 
 
 def decode_image(source: str | Path | BinaryIO, color_mode: str = "RGB") -> Tensor:
-    """Decode one image file to uint8 [C, H, W]: first frame, EXIF orientation applied,
-    transparency composited on white, then converted to ``color_mode`` ("L" or "RGB")."""
+    """Decode one image file to uint8 [C, H, W]: first frame, EXIF orientation applied, then
+    converted to ``color_mode`` ("L" or "RGB") by ``pixels.to_color_mode`` (transparency on
+    white, 16-bit grayscale scaled), the rule the service applies to uploads."""
     return TF.pil_to_tensor(_open_image(source, color_mode))
 
 
@@ -148,12 +150,7 @@ def _open_image(
         if draft and opened.format == "JPEG":
             opened.draft(color_mode, (draft, draft))  # decode at a reduced scale: a cheap check
         image = ImageOps.exif_transpose(opened)  # a loaded copy, also when nothing to rotate
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, image.convert("RGBA"))
-    return image.convert(color_mode)
+    return to_color_mode(image, color_mode)  # the service converts uploads with the same rule
 
 
 # ---------------------------------------------------------------------------------------------
