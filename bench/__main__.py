@@ -142,8 +142,8 @@ def _fields(cfg: BenchConfig) -> dict[str, Any]:
 
 def estimate_s(cfg: BenchConfig) -> float:
     """A rough wall-clock estimate (2-core machine): start-ups + warm-ups + windows."""
-    startup = {"service": 15, "service-mbs1": 15, "naive": 8, "torchserve-1w": 40,
-               "torchserve-2w": 50}  # fmt: skip
+    startup = {"service": 15, "service-mbs1": 15, "naive": 8, "torchserve-1w": 20,
+               "torchserve-1w-omp1": 20, "torchserve-2w": 30}  # fmt: skip
     total = 0.0
     for model in cfg.models:
         timing = cfg.timing_for(model)

@@ -13,7 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / ".cache"
 
 # the HTTP targets, in the order they are measured for each model
-HTTP_TARGETS = ("service", "service-mbs1", "naive", "torchserve-1w", "torchserve-2w")
+# torchserve-<W>w: W workers (OMP_NUM_THREADS=1 when W > 1); -omp1: 1 worker with OMP 1 too
+HTTP_TARGETS = (
+    "service", "service-mbs1", "naive", "torchserve-1w", "torchserve-1w-omp1", "torchserve-2w",
+)  # fmt: skip
 TARGETS = ("limit", *HTTP_TARGETS)
 
 
@@ -32,7 +35,7 @@ class BenchConfig:
     # targets measured per model when not all of them (the compute-bound sanity check needs
     # the service and the limit; its peers take minutes on 2 cores)
     model_targets: dict[str, tuple[str, ...]] = field(
-        default_factory=lambda: {"r50": ("limit", "service", "naive", "torchserve-1w")}
+        default_factory=lambda: {"r50": ("limit", "service", "naive", "torchserve-1w-omp1")}
     )
     concurrency: tuple[int, ...] = (1, 8, 32, 64)
     open_loop: tuple[float, ...] = (0.5, 0.9)  # fractions of the measured capacity
@@ -103,7 +106,14 @@ def quick(**overrides: Any) -> BenchConfig:
     """A few minutes: the two models of the targets T1-T6/T8, one repeat, short windows."""
     base: dict[str, Any] = {
         "models": ("r20", "r18"),
-        "targets": ("limit", "service", "service-mbs1", "naive", "torchserve-1w"),
+        "targets": (
+            "limit",
+            "service",
+            "service-mbs1",
+            "naive",
+            "torchserve-1w",
+            "torchserve-1w-omp1",
+        ),  # fmt: skip
         "model_targets": {},
         "concurrency": (1, 32),
         "open_loop": (0.9,),

@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -75,10 +76,15 @@ def _windows(step: Any, warmup_s: float, duration_s: float, repeats: int) -> lis
 def pipelined(
     entry: Any, images: list[bytes], batch: int, pool: ThreadPoolExecutor, timing: dict
 ) -> Any:
-    """A step function: one forward of ``batch`` images while the next ones decode."""
+    """A step function: one forward of ``batch`` images while the next ones decode.
+
+    Thread-safe: with several forward threads (the batcher's helpers) each call takes its
+    own ``batch`` decoded images from the shared pipeline.
+    """
     preprocessor, runner = entry.preprocessor, entry.runner
     cursor = 0
     inflight: deque[Future[Any]] = deque()
+    lock = threading.Lock()
     depth = 2 * batch
     forward_times: list[float] = timing.setdefault("forward_s", [])
 
@@ -89,9 +95,11 @@ def pipelined(
             cursor += 1
 
     def step() -> int:
-        refill()
-        tensors = [inflight.popleft().result() for _ in range(batch)]
-        refill()
+        with lock:
+            refill()
+            futures = [inflight.popleft() for _ in range(batch)]
+            refill()
+        tensors = [future.result() for future in futures]
         start = time.perf_counter()
         probs = runner.forward(runner.stack(tensors))
         probs.max(dim=1)
@@ -99,6 +107,42 @@ def pipelined(
         return batch
 
     return step
+
+
+def _threaded_windows(
+    step: Any, threads: int, warmup_s: float, duration_s: float, repeats: int
+) -> list[dict[str, float]]:
+    """``_windows`` with ``threads`` threads calling ``step`` at once (forward workers)."""
+    if threads <= 1:
+        return _windows(step, warmup_s, duration_s, repeats)
+    done = [0]
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            count = step()
+            with lock:
+                done[0] += count
+
+    workers = [threading.Thread(target=work, daemon=True) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    try:
+        time.sleep(warmup_s)
+        windows = []
+        for _ in range(repeats):
+            start, cpu, before = time.perf_counter(), time.process_time(), done[0]
+            time.sleep(duration_s)
+            elapsed = time.perf_counter() - start
+            images = done[0] - before
+            windows.append({"elapsed_s": elapsed, "images": images, "img_s": images / elapsed,
+                            "cpu_s": time.process_time() - cpu})  # fmt: skip
+        return windows
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(60)
 
 
 def single(entry: Any, images: list[bytes], latencies: list[float]) -> Any:
@@ -139,9 +183,11 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         try:
             import torch
 
+            workers = entry.batcher.workers
             result: dict[str, Any] = {
                 "torch_threads": torch.get_num_threads(),
                 "preprocess_threads": settings.pool_threads,
+                "forward_workers": workers,
                 "device": str(entry.runner.device),
                 "precision": entry.runner.precision_name,
                 "channels_last": entry.runner.channels_last,
@@ -149,15 +195,19 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             }
             pool = ThreadPoolExecutor(settings.pool_threads, thread_name_prefix="preprocess")
             try:
-                for batch in spec.get("batch_sizes", [settings.max_batch_size]):
-                    timing: dict[str, list[float]] = {}
-                    step = pipelined(entry, images, int(batch), pool, timing)
-                    windows = _windows(step, warmup_s, duration_s, repeats)
-                    forward = timing.get("forward_s", [])
-                    result["pipelined"][str(batch)] = {
-                        "windows": windows,
-                        "forward_per_batch": _quantiles(forward[-200:]),
-                    }
+                # one forward thread, and as many as the service's batcher has (the limit is
+                # the better of the two: the service's helpers only run when they pay off)
+                for threads in sorted({1, workers}):
+                    for batch in spec.get("batch_sizes", [settings.max_batch_size]):
+                        timing: dict[str, list[float]] = {}
+                        step = pipelined(entry, images, int(batch), pool, timing)
+                        windows = _threaded_windows(step, threads, warmup_s, duration_s, repeats)
+                        key = str(batch) if threads == 1 else f"{batch}x{threads}"
+                        result["pipelined"][key] = {
+                            "windows": windows,
+                            "forward_threads": threads,
+                            "forward_per_batch": _quantiles(timing.get("forward_s", [])[-200:]),
+                        }
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
             if spec.get("single", True):

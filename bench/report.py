@@ -17,7 +17,14 @@ PACKAGES = (
     "torch", "torchvision", "numpy", "pillow", "fastapi", "starlette", "uvicorn", "uvloop",
     "httptools", "orjson", "python-multipart", "pydantic", "torchserve", "psutil",
 )  # fmt: skip
-TS_CONFIGS = ("torchserve-1w", "torchserve-2w")
+
+
+def describe_batch(key: str) -> str:
+    batch, _, threads = key.partition("x")
+    return f"{batch} x {threads} forward threads" if threads else batch
+
+
+TS_CONFIGS = ("torchserve-1w", "torchserve-1w-omp1", "torchserve-2w")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +118,9 @@ def service_defaults(overrides: dict[str, str]) -> dict[str, Any]:
         "MAX_BATCH_DELAY_MS": settings.max_batch_delay_ms,
         "TORCH_THREADS": settings.threads,
         "PREPROCESS_THREADS": settings.pool_threads,
-        "CHANNELS_LAST": settings.channels_last,
+        "CHANNELS_LAST": "on (default)"
+        if settings.channels_last is None
+        else settings.channels_last,
         "PRECISION": settings.precision,
         "DEVICE": settings.device,
         "MAX_QUEUE": settings.max_queue,
@@ -276,14 +285,15 @@ def model_table(key: str, data: dict[str, Any], gpu: bool) -> list[str]:
     ]
     limit = data.get("limit")
     if limit and "img_s" in limit:
-        batches = ", ".join(
-            f"batch {k.removeprefix('batch_')}: {v['img_s']:.1f} img/s"
+        batches = "; ".join(
+            f"batch {describe_batch(k.removeprefix('batch_'))}: {v['img_s']:.1f} img/s"
             for k, v in limit.items() if k.startswith("batch_")
         )  # fmt: skip
         single = limit.get("single", {})
         lines.append(
-            f"LIMIT (in-process, no HTTP; {limit['settings'].get('torch_threads')} torch threads, "
-            f"{limit['settings'].get('preprocess_threads')} decode threads): {batches}; "
+            f"LIMIT (in-process, no HTTP; {limit['settings'].get('torch_threads')} torch "
+            f"thread(s), {limit['settings'].get('preprocess_threads')} decode threads): "
+            f"{batches}; best {limit.get('img_s', 0):.1f} img/s; "
             f"single image p50 {_fmt(single.get('p50_s'), 1000, 2)} ms "
             f"({_fmt(single.get('img_s'))} img/s on one thread)."
         )

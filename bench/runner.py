@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from typing import Any
 from . import archives, images, targets
 from .config import BenchConfig, Timing
 from .gpu import GpuSampler
+from .report import describe_batch
 
 MEDIAN_KEYS = (
     "req_s", "img_s", "p50_s", "p95_s", "p99_s", "max_s", "mean_s", "mean_batch",
@@ -80,6 +82,16 @@ def merge_loadgen(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 MAX_WARMUP_S = 20.0
+
+
+def torchserve_config(target: str) -> tuple[int, int | None]:
+    """(workers, OMP_NUM_THREADS or None) of ``torchserve-<W>w[-omp<N>]``."""
+    match = re.fullmatch(r"torchserve-(\d+)w(?:-omp(\d+))?", target)
+    if match is None:
+        raise ValueError(f"not a TorchServe target: {target}")
+    workers = int(match[1])
+    omp = int(match[2]) if match[2] else (1 if workers > 1 else None)
+    return workers, omp
 
 
 def warmed(timing: Timing, concurrency: int, rate: float | None) -> Timing:
@@ -221,8 +233,8 @@ class Runner:
                 "windows": data["windows"],
             }  # fmt: skip
             if best is None or img_s > best[1]:
-                best = (int(batch), img_s)
-            self.log(f"{key}: limit batch {batch}: {img_s:.1f} img/s")
+                best = (batch, img_s)
+            self.log(f"{key}: limit batch {describe_batch(batch)}: {img_s:.1f} img/s")
         single = raw.get("single")
         if single:
             p50 = statistics.median(w["p50_s"] for w in single["windows"] if w["p50_s"])
@@ -290,8 +302,7 @@ class Runner:
         elif target.startswith("torchserve"):
             if self.ts_binary is None:
                 raise targets.TargetUnavailable(self.ts_problem or "TorchServe skipped")
-            workers = int(target.removeprefix("torchserve-").removesuffix("w"))
-            omp = 1 if workers > 1 else None
+            workers, omp = torchserve_config(target)
             with targets.torchserve(
                 self.ts_binary, archive, card.name, logs, self.tracker, workers=workers,
                 omp_threads=omp, batch_size=cfg.ts_batch_size,

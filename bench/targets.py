@@ -340,7 +340,7 @@ def torchserve(
     if omp_threads is not None:
         extra["OMP_NUM_THREADS"] = str(omp_threads)
     env = base_env(extra)
-    name = f"torchserve-{workers}w"
+    name = f"torchserve-{workers}w" + (f"-omp{omp_threads}" if omp_threads and workers == 1 else "")
     log = logs / f"{name}.log"
     argv = [
         str(binary), "--start", "--ncs", "--disable-token-auth", "--model-store",

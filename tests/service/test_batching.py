@@ -26,6 +26,8 @@ class RecordingForward:
         self.oom_above = oom_above
         self.batches: list[list[float]] = []
         self.lock = threading.Lock()
+        self.running = 0
+        self.max_running = 0  # forwards seen running at the same time
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         values = batch[:, 0].tolist()
@@ -33,8 +35,14 @@ class RecordingForward:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         with self.lock:
             self.batches.append(values)
-        if self.delay:
-            time.sleep(self.delay)
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+        try:
+            if self.delay:
+                time.sleep(self.delay)
+        finally:
+            with self.lock:
+                self.running -= 1
         if self.fail_on is not None and self.fail_on in values:
             raise ValueError("injected fault")
         return torch.nn.functional.one_hot(batch[:, 0].long() % CLASSES, CLASSES).float()
@@ -49,7 +57,7 @@ def item(value: float) -> torch.Tensor:
 
 
 def make_batcher(forward: RecordingForward, **kw) -> Batcher:
-    options = {"max_batch_size": 8, "max_queue": 64, "max_delay_s": 0.0} | kw
+    options = {"max_batch_size": 8, "max_queue": 64, "max_delay_s": 0.0, "workers": 1} | kw
     batcher = Batcher(forward, **options)
     batcher.start()
     return batcher
@@ -172,9 +180,46 @@ def test_expired_requests_are_dropped_before_compute():
     assert batcher.close(timeout=5)
 
 
+def test_helper_worker_runs_a_second_forward_only_when_half_a_batch_waits():
+    forward = RecordingForward(delay=0.3)
+    batcher = make_batcher(forward, max_batch_size=4, workers=2)
+
+    async def main():
+        lone = await batcher.infer([item(1)], far())  # one image: the primary alone
+        assert forward.max_running == 1
+        first = asyncio.ensure_future(batcher.infer([item(v) for v in range(4)], far()))
+        await asyncio.sleep(0.1)  # the primary is busy with those four for 0.3 s
+        more = await batcher.infer([item(v) for v in range(4, 8)], far())  # a helper takes them
+        return [lone, await first, more]
+
+    lone, first, more = asyncio.run(main())
+    assert [p.class_id for p in first + more] == [v % CLASSES for v in range(8)]
+    assert lone[0].class_id == 1
+    assert forward.max_running == 2
+    assert sorted(forward.seen) == [0, 1, 1, 2, 3, 4, 5, 6, 7]
+    assert batcher.close(timeout=5)
+
+
+def test_helper_worker_stays_idle_below_half_a_batch_and_close_stops_it():
+    forward = RecordingForward(delay=0.2)
+    batcher = make_batcher(forward, max_batch_size=8, workers=2)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.infer([item(1)], far()))
+        await asyncio.sleep(0.05)
+        second = await batcher.infer([item(2), item(3), item(4)], far())  # 3 < 8 / 2: waits
+        return await first, second
+
+    asyncio.run(main())
+    assert forward.max_running == 1
+    assert forward.batches == [[1.0], [2.0, 3.0, 4.0]]
+    assert batcher.close(timeout=5)
+    assert not any(thread.is_alive() for thread in batcher._threads)
+
+
 def test_worker_drops_items_whose_deadline_passed_while_queued():
     forward = RecordingForward()
-    batcher = Batcher(forward, max_batch_size=8, max_queue=8)  # worker not started yet
+    batcher = Batcher(forward, max_batch_size=8, max_queue=8, workers=1)  # worker not started yet
 
     async def main():
         past = time.monotonic() - 1
@@ -190,7 +235,7 @@ def test_worker_drops_items_whose_deadline_passed_while_queued():
 
 def test_out_of_memory_splits_the_batch_and_retries():
     forward = RecordingForward(oom_above=2)
-    batcher = Batcher(forward, max_batch_size=8, max_queue=64)
+    batcher = Batcher(forward, max_batch_size=8, max_queue=64, workers=1)
 
     async def main():
         futures = batcher.submit([item(v) for v in range(7)], far())
@@ -383,7 +428,8 @@ def test_waiting_past_the_timeout_is_504_and_never_computed(start_service, serve
 
     server = start_service(
         store=served_store, module=FAULTS,
-        env={"FAULT_DELAY_S": "2.5", "REQUEST_TIMEOUT_S": "1.0", "MAX_BATCH_SIZE": "4"},
+        env={"FAULT_DELAY_S": "2.5", "REQUEST_TIMEOUT_S": "1.0", "MAX_BATCH_SIZE": "4",
+             "INFERENCE_WORKERS": "1"},  # one worker: the queued ones wait behind the first
     )  # fmt: skip
     before = histogram(server.metrics(), "imgserve_batch_size")
 
