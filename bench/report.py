@@ -176,15 +176,17 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
 def ratios(models: dict[str, Any], c: int = 32) -> list[dict[str, Any]]:
     out = []
 
-    def limit_img_s(model: str) -> float | None:
-        return models.get(model, {}).get("limit", {}).get("img_s")
+    def service_vs_limit(tid: str, model: str, threshold: float) -> None:
+        service = closed_point(models, model, "service", c)
+        limit = models.get(model, {}).get("limit", {}).get("img_s")
+        out.append(_entry(
+            tid, model, f"C={c}: service img/s / LIMIT img/s",
+            _ratio(service and service["img_s"], limit), ">=", threshold,
+            f"{_fmt(service and service['img_s'])} / {_fmt(limit)} img/s",
+        ))  # fmt: skip
 
     svc18 = closed_point(models, "r18", "service", c)
-    out.append(_entry(
-        "T1", "r18", f"C={c}: service img/s / LIMIT img/s",
-        _ratio(svc18 and svc18["img_s"], limit_img_s("r18")), ">=", 0.90,
-        f"{_fmt(svc18 and svc18['img_s'])} / {_fmt(limit_img_s('r18'))} img/s",
-    ))  # fmt: skip
+    service_vs_limit("T1", "r18", 0.90)
     best = best_torchserve(models, "r18", c)
     ts_name, ts = best if best else ("torchserve", None)
     out.append(_entry(
@@ -199,11 +201,7 @@ def ratios(models: dict[str, Any], c: int = 32) -> list[dict[str, Any]]:
     ))  # fmt: skip
     svc20 = closed_point(models, "r20", "service", c)
     naive20 = closed_point(models, "r20", "naive", c)
-    out.append(_entry(
-        "T4", "r20", f"C={c}: service img/s / LIMIT img/s",
-        _ratio(svc20 and svc20["img_s"], limit_img_s("r20")), ">=", 0.85,
-        f"{_fmt(svc20 and svc20['img_s'])} / {_fmt(limit_img_s('r20'))} img/s",
-    ))  # fmt: skip
+    service_vs_limit("T4", "r20", 0.85)
     out.append(_entry(
         "T5", "r20", f"C={c}: service img/s / naive FastAPI img/s",
         _ratio(svc20 and svc20["img_s"], naive20 and naive20["img_s"]), ">=", 2.0,
@@ -217,12 +215,7 @@ def ratios(models: dict[str, Any], c: int = 32) -> list[dict[str, Any]]:
             _ratio(one and one["p50_s"], single), "<=", 1.15,
             f"{_fmt(one and one['p50_s'], 1000, 2)} / {_fmt(single, 1000, 2)} ms",
         ))  # fmt: skip
-    svc50 = closed_point(models, "r50", "service", c)
-    out.append(_entry(
-        "T7", "r50", f"C={c}: service img/s / LIMIT img/s",
-        _ratio(svc50 and svc50["img_s"], limit_img_s("r50")), ">=", 0.90,
-        f"{_fmt(svc50 and svc50['img_s'])} / {_fmt(limit_img_s('r50'))} img/s",
-    ))  # fmt: skip
+    service_vs_limit("T7", "r50", 0.90)
     for model in models:
         point = open_point(models, model, "service", 0.9)
         out.append(_entry(

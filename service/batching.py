@@ -5,13 +5,12 @@ up to ``max_batch_size``, runs ONE forward pass and hands each caller its own ro
 waits while the device is idle: with ``max_delay_s == 0`` (the default) a batch is whatever
 arrived while the previous batch ran, so batches grow with load by themselves.
 
-Helper workers: where the torch threads leave cores free (e.g. 1 torch thread on 2 cores),
-more than one forward can run at once, each single-threaded, with no OpenMP barrier between
-them. A helper only starts a batch while a FULL batch is waiting in the queue, i.e. when the
-forward is the bottleneck (compute-bound models: 1.7-2x the images/s of one worker on 2
-cores, measured with ResNet-18/50). When decoding or HTTP is the bottleneck the queue never
-holds a full batch, so helpers stay idle and batches stay large (overhead-bound models lose
-throughput when their batches are split).
+Helper workers (``workers > 1``, chosen by ``Settings.forward_workers``): where the torch
+threads leave cores free (1 torch thread on 2 cores), more than one forward can run at once,
+each single-threaded, with no OpenMP barrier between them (ResNet-18 LIMIT at batch 16 on
+2 cores: 32.0 img/s with two such forwards, 26.6 with one two-thread forward). A helper only
+starts a batch while half a batch is waiting, i.e. while the primary is busy and work piles
+up; with less, batches stay whole (a full-batch trigger left ResNet-18 at 24 img/s vs 30).
 
 Guarantees:
 - admission is all-or-nothing per request; a full queue answers ``QueueFull`` (503) at once;
@@ -123,16 +122,7 @@ class _NoMetrics:
 
 
 _NO_METRICS = _NoMetrics()
-MAX_AUTO_WORKERS = 2
 HELPER_BACKLOG_DIVISOR = 2  # a helper starts once max_batch_size / this images are waiting
-
-
-def default_workers() -> int:
-    """Inference threads per model version: as many as the torch threads leave cores for."""
-    from .settings import available_cpus
-
-    threads = max(1, torch.get_num_threads())
-    return max(1, min(MAX_AUTO_WORKERS, available_cpus() // threads))
 
 
 class Batcher:
@@ -150,9 +140,9 @@ class Batcher:
         labels: Sequence[str] | None = None,
         metrics: Any = None,
         metric_labels: tuple[str, str] = ("model", "0"),
-        workers: int | None = None,
+        workers: int = 1,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or (workers is not None and workers < 1):
+        if max_batch_size < 1 or max_queue < 1 or workers < 1:
             raise ValueError("max_batch_size, max_queue and workers must be >= 1")
         self.forward_fn = forward_fn
         self.stack_fn = stack_fn
@@ -168,7 +158,7 @@ class Batcher:
         self._pending = 0  # images admitted and not yet taken by a worker
         self._closed = False
         self._seconds_per_image = 0.01  # moving average, for Retry-After
-        self.workers = workers if workers is not None else default_workers()
+        self.workers = workers  # the primary and workers - 1 helpers
         self._helper_backlog = max(1, max_batch_size // HELPER_BACKLOG_DIVISOR)
         self._threads = [
             threading.Thread(
@@ -177,7 +167,6 @@ class Batcher:
             )
             for index in range(self.workers)
         ]  # fmt: skip
-        self._thread = self._threads[0]  # the primary worker: takes every batch it can
         self._bind_metrics(metrics, metric_labels)
 
     def _bind_metrics(self, metrics: Any, mv: tuple[str, str]) -> None:

@@ -356,7 +356,7 @@ class Registry:
                 runner.forward, stack_fn=runner.stack, max_batch_size=settings.max_batch_size,
                 max_queue=settings.max_queue, max_delay_s=settings.max_batch_delay_ms / 1000,
                 name=f"{card.name}-v{card.version}", labels=card.labels,
-                metrics=self.metrics, metric_labels=mv, workers=settings.inference_workers,
+                metrics=self.metrics, metric_labels=mv, workers=settings.forward_workers,
             )  # fmt: skip
             batcher.start()
         except ArchiveError as exc:

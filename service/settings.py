@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+MAX_AUTO_WORKERS = 2  # forward threads per model version when INFERENCE_WORKERS is not set
+
 MiB = 1024 * 1024
 
 
@@ -47,8 +49,8 @@ class Settings(BaseSettings):
     max_concurrent_explain: int = Field(2, ge=1, le=1024)
     inference_workers: int | None = Field(
         None, ge=1, le=64,
-        description="forward threads per model version (default: usable CPUs // TORCH_THREADS, "
-        "at most 2); extra ones start only while half a batch is waiting",
+        description=f"forward threads per model version (default: usable CPUs // TORCH_THREADS, "
+        f"at most {MAX_AUTO_WORKERS}); extra ones start only while half a batch is waiting",
     )  # fmt: skip
     torch_threads: int | None = Field(
         None, ge=1, le=1024, description="default: usable CPUs - 1 (at least 1)"
@@ -120,6 +122,12 @@ class Settings(BaseSettings):
         cores with the decoders spin-wait at every barrier; bench/RESULTS.md).
         """
         return self.torch_threads or max(1, available_cpus() - 1)
+
+    @property
+    def forward_workers(self) -> int:
+        """Forward threads per model version: as many as the torch threads leave cores for."""
+        auto = min(MAX_AUTO_WORKERS, available_cpus() // self.threads)
+        return self.inference_workers or max(1, auto)
 
     @property
     def pool_threads(self) -> int:

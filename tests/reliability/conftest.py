@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.service.conftest import ServiceProcess, launch
+from tests.service.conftest import start_service as start_service  # the same fixture here
 
 ADMIN_KEY = "rel-admin-key-6f1c0e7a9b42d8"
 LAUNCHER = "tests.reliability.launcher"
@@ -63,24 +64,6 @@ def bounded_server(
                      module=LAUNCHER)  # fmt: skip
     yield process
     process.stop()
-
-
-@pytest.fixture
-def start_service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
-    """``start_service(store, env=None, module="service", wait="/readyz")``."""
-    started: list[ServiceProcess] = []
-
-    def start(
-        store: Path, env: dict[str, str] | None = None, module: str = "service",
-        wait: str | None = "/readyz",
-    ) -> ServiceProcess:  # fmt: skip
-        process = launch(store, tmp_path, env=env, module=module, wait=wait)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
 
 
 def set_forward(process: ServiceProcess, **changes: float) -> None:

@@ -7,7 +7,6 @@ store holding the digits archive and four bad ones; the SIGTERM test runs last a
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import json
 import pickle
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 from tests.service import hostile
-from tests.service.conftest import ServiceProcess, digit_png, launch
+from tests.service.conftest import ServiceProcess, digit_png, launch, rewrite_archive
 from trainer.archive import read_archive, write_archive
 
 from .conftest import ADMIN_KEY, LAUNCHER, forward_state, set_forward
@@ -52,23 +51,6 @@ def torch_pickle(marker: Path) -> bytes:
     return buffer.getvalue()
 
 
-def rewrite(source: Path, target: Path, *, card: dict | None = None,
-            weights: bytes | None = None, fix_hash: bool = True) -> None:  # fmt: skip
-    """Copy an archive changing card fields and/or the weights (re-hashed in the card)."""
-    with zipfile.ZipFile(source) as zf:
-        members = {name: zf.read(name) for name in zf.namelist()}
-    data = json.loads(members["model-card.json"])
-    data.update(card or {})
-    if weights is not None:
-        members["weights.pt"] = weights
-        if fix_hash:
-            data["weights_sha256"] = hashlib.sha256(weights).hexdigest()
-    members["model-card.json"] = json.dumps(data).encode()
-    with zipfile.ZipFile(target, "w") as zf:
-        for name, content in members.items():
-            zf.writestr(name, content)
-
-
 @pytest.fixture(scope="module")
 def markers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("markers")
@@ -84,14 +66,15 @@ def fault_server(
     (store / "garbage-v1.mar").write_bytes(b"PK\x03\x04 not a zip at all" * 20)
     weights = bytearray(zipfile.ZipFile(digits).read("weights.pt"))
     weights[-100] ^= 0xFF
-    rewrite(digits, store / "tampered-v1.mar", card={"name": "tampered"}, weights=bytes(weights),
+    rewrite_archive(digits, store / "tampered-v1.mar", card={"name": "tampered"}, weights=bytes(weights),
             fix_hash=False)  # fmt: skip
-    rewrite(digits, store / "alien-v1.mar", card={"name": "alien", "arch": "resnet9000"})
-    rewrite(digits, store / "evil-v1.mar", card={"name": "evil"},
+    rewrite_archive(digits, store / "alien-v1.mar", card={"name": "alien", "arch": "resnet9000"})
+    rewrite_archive(digits, store / "evil-v1.mar", card={"name": "evil"},
             weights=torch_pickle(markers / "evil-at-start"))  # fmt: skip
     env = {
         "ADMIN_API_KEY": ADMIN_KEY, "MAX_BATCH_SIZE": "8", "MAX_QUEUE": "64",
         "GRACEFUL_TIMEOUT_S": str(GRACEFUL_S), "PREPROCESS_THREADS": "2",
+        "INFERENCE_WORKERS": "1",  # one forward at a time: the batches below are exact
     }  # fmt: skip
     process = launch(store, tmp_path_factory.mktemp("fault_logs"), env=env, module=LAUNCHER)
     yield process
@@ -143,9 +126,9 @@ def test_bad_archives_are_refused_with_reasons_and_never_run_code(
         assert answer.status_code == 200 and answer.json()["model"] == "digits"
         # added at run time: a raw pickle and a torch.save file, both with a valid card hash
         digits = fault_server.store / "digits-v1.mar"
-        rewrite(digits, fault_server.store / "late-v1.mar", card={"name": "late"},
+        rewrite_archive(digits, fault_server.store / "late-v1.mar", card={"name": "late"},
                 weights=torch_pickle(markers / "evil-registered"))  # fmt: skip
-        rewrite(digits, fault_server.store / "raw-v1.mar", card={"name": "raw"},
+        rewrite_archive(digits, fault_server.store / "raw-v1.mar", card={"name": "raw"},
                 weights=pickle.dumps({"x": Payload(markers / "evil-raw")}))  # fmt: skip
         for file in ("late-v1.mar", "raw-v1.mar", "evil-v1.mar", "tampered-v1.mar"):
             response = client.post("/models", json={"file": file}, headers=ADMIN)

@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -17,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,3 +208,23 @@ def jpeg_bytes(
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
+
+
+def rewrite_archive(
+    source: Path, target: Path, *, card: dict | None = None, weights: bytes | None = None,
+    fix_hash: bool = True,
+) -> Path:  # fmt: skip
+    """Copy an archive changing card fields and/or the weights bytes."""
+    with zipfile.ZipFile(source) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    data = json.loads(members["model-card.json"])
+    data.update(card or {})
+    if weights is not None:
+        members["weights.pt"] = weights
+        if fix_hash:
+            data["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+    members["model-card.json"] = json.dumps(data).encode()
+    with zipfile.ZipFile(target, "w") as zf:
+        for name, content in members.items():
+            zf.writestr(name, content)
+    return target

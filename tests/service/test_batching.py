@@ -311,7 +311,7 @@ def test_close_drains_queued_work_then_refuses_new_work():
 
     results = asyncio.run(main())
     assert [r.class_id for r in results] == [v % CLASSES for v in range(6)]
-    assert not batcher._thread.is_alive()
+    assert not batcher._threads[0].is_alive()
 
 
 # -- through the real server ---------------------------------------------------------------------

@@ -3,8 +3,6 @@ hot swap under load."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import pickle
 import shutil
 import threading
@@ -17,31 +15,11 @@ import pytest
 
 from trainer.archive import read_archive, write_archive
 
-from .conftest import ADMIN_KEY, digit_png
+from .conftest import ADMIN_KEY, digit_png, rewrite_archive
 
 pytestmark = pytest.mark.slow
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 PNG = {"content": digit_png(4), "headers": {"content-type": "image/png"}}
-
-
-def rewrite_archive(
-    source: Path, target: Path, *, card: dict | None = None, weights: bytes | None = None,
-    fix_hash: bool = True,
-) -> Path:  # fmt: skip
-    """Copy an archive changing card fields and/or the weights bytes."""
-    with zipfile.ZipFile(source) as zf:
-        members = {name: zf.read(name) for name in zf.namelist()}
-    data = json.loads(members["model-card.json"])
-    data.update(card or {})
-    if weights is not None:
-        members["weights.pt"] = weights
-        if fix_hash:
-            data["weights_sha256"] = hashlib.sha256(weights).hexdigest()
-    members["model-card.json"] = json.dumps(data).encode()
-    with zipfile.ZipFile(target, "w") as zf:
-        for name, content in members.items():
-            zf.writestr(name, content)
-    return target
 
 
 def new_version(source: Path, store: Path, version: str) -> Path:
