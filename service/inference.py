@@ -9,6 +9,8 @@ temperature-scaled softmax probabilities on the CPU.
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
 import threading
 from collections.abc import Iterable, Sequence
 
@@ -19,6 +21,8 @@ from trainer.archive import ModelCard
 from trainer.data.presets import EvalPreset
 
 from .imaging import decode_to_tensor
+
+log = logging.getLogger("service.inference")
 
 
 class Preprocessor:
@@ -59,6 +63,56 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def fold_batch_norm(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A copy of an eval-mode ``model`` with BatchNorm folded into the convolution before it.
+
+    The same function (up to float rounding), one pass less over every activation: ResNet-18
+    at batch 8 on one CPU thread 27.1 -> 30.9 img/s, ResNet-50 9.7 -> 9.8 (interleaved A/B,
+    README, Benchmarks). Pairs are found by structure, not by tracing (torch.fx patches
+    ``nn.Module.__call__`` process-wide while it traces, which broke requests running in other
+    threads during a hot swap): consecutive Conv2d, BatchNorm2d children of a plain
+    ``nn.Sequential``, and convN/bnN of torchvision's ResNet blocks, whose forward applies bnN
+    straight to convN's output. The copy must answer ``example`` as the original does, else
+    the original is served.
+    """
+    folded = copy.deepcopy(model)
+    if _fold_in_place(folded) == 0:
+        return model
+    with torch.inference_mode():
+        want, got = model(example).float(), folded(example).float()
+    scale = max(1.0, float(want.abs().max()))
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-3 * scale):
+        log.warning("folding BatchNorm changed the outputs; serving the network unchanged")
+        return model
+    return folded
+
+
+def _fold_in_place(root: nn.Module) -> int:
+    """Fold every (Conv2d -> BatchNorm2d) pair found by structure; returns how many."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    count = 0
+    for module in list(root.modules()):
+        if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+            pairs = list(zip(list(module._modules), list(module._modules)[1:], strict=False))
+        elif type(module) in (BasicBlock, Bottleneck):
+            pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(module, f"bn{i}")]
+        else:
+            continue
+        for conv_name, bn_name in pairs:
+            conv, bn = module._modules.get(conv_name), module._modules.get(bn_name)
+            if (
+                isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+                and bn.running_mean is not None and bn.running_var is not None
+                and conv.out_channels == bn.num_features and not bn.training
+            ):  # fmt: skip
+                module._modules[conv_name] = fuse_conv_bn_eval(conv, bn)
+                module._modules[bn_name] = nn.Identity()
+                count += 1
+    return count
+
+
 class ModelRunner:
     """A model on its device plus everything one forward pass needs."""
 
@@ -70,6 +124,7 @@ class ModelRunner:
         device: str,
         precision: str = "auto",
         channels_last: bool | None = None,
+        fold_batchnorm: bool = True,
         max_batch_size: int = 1,
     ) -> None:
         self.device = torch.device(device)
@@ -82,9 +137,18 @@ class ModelRunner:
         model = model.eval().requires_grad_(False).to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.model = model
+        self.model = model  # the network as archived: Grad-CAM hooks its layers
         height, width = card.input_size
         self.input_shape = (card.in_chans, height, width)
+        # what forward() runs: the same function with BatchNorm folded into the convolutions
+        self.network = model
+        if fold_batchnorm:
+            example = torch.randn((2, *self.input_shape), device=self.device)
+            if self.channels_last:
+                example = example.contiguous(memory_format=torch.channels_last)
+            self.network = fold_batch_norm(model, example)
+        if self.channels_last:
+            self.network = self.network.to(memory_format=torch.channels_last)
         self.max_batch_size = max_batch_size
         # pinned host buffers for async H2D copies, one per inference thread (a batcher may
         # run several forwards at once; each thread reuses its own after its forward synced)
@@ -121,7 +185,7 @@ class ModelRunner:
                 else contextlib.nullcontext()
             )
             with autocast:
-                logits = self.model(x)
+                logits = self.network(x)
             logits = logits.float()
             if self.temperature != 1.0:
                 logits = logits / self.temperature

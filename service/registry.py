@@ -345,7 +345,8 @@ class Registry:
             del archive
             runner = ModelRunner(
                 model, card, device=self.device, precision=settings.precision,
-                channels_last=settings.channels_last, max_batch_size=settings.max_batch_size,
+                channels_last=settings.channels_last, fold_batchnorm=settings.fold_batchnorm,
+                max_batch_size=settings.max_batch_size,
             )  # fmt: skip
             if settings.warmup == "all":
                 runner.warmup(range(1, settings.max_batch_size + 1))
@@ -357,6 +358,7 @@ class Registry:
                 max_queue=settings.max_queue, max_delay_s=settings.max_batch_delay_ms / 1000,
                 name=f"{card.name}-v{card.version}", labels=card.labels,
                 metrics=self.metrics, metric_labels=mv, workers=settings.forward_workers,
+                helper_backlog=settings.helper_backlog,
             )  # fmt: skip
             batcher.start()
         except ArchiveError as exc:

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     channels_last: bool | None = Field(
         None, description="channels_last memory format (default: on; measured faster on CPU too)"
     )
+    fold_batchnorm: bool = Field(
+        True, description="fold BatchNorm into the convolutions for serving (same answers)"
+    )
     max_batch_size: int = Field(16, ge=1, le=4096)
     max_batch_delay_ms: float = Field(0.0, ge=0.0, le=10_000.0)
     max_queue: int = Field(256, ge=1, le=1_000_000, description="images waiting per model version")
@@ -50,7 +53,12 @@ class Settings(BaseSettings):
     inference_workers: int | None = Field(
         None, ge=1, le=64,
         description=f"forward threads per model version (default: usable CPUs // TORCH_THREADS, "
-        f"at most {MAX_AUTO_WORKERS}); extra ones start only while half a batch is waiting",
+        f"at most {MAX_AUTO_WORKERS}); extra ones start when HELPER_BACKLOG images wait",
+    )  # fmt: skip
+    helper_backlog: int | None = Field(
+        None, ge=1, le=4096,
+        description="images waiting (while the first forward runs) before a helper forward "
+        "starts; default 1",
     )  # fmt: skip
     torch_threads: int | None = Field(
         None, ge=1, le=1024, description="default: usable CPUs - 1 (at least 1)"

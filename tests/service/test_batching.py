@@ -180,7 +180,7 @@ def test_expired_requests_are_dropped_before_compute():
     assert batcher.close(timeout=5)
 
 
-def test_helper_worker_runs_a_second_forward_only_when_half_a_batch_waits():
+def test_helper_worker_runs_a_second_forward_while_the_primary_is_busy():
     forward = RecordingForward(delay=0.3)
     batcher = make_batcher(forward, max_batch_size=4, workers=2)
 
@@ -200,14 +200,14 @@ def test_helper_worker_runs_a_second_forward_only_when_half_a_batch_waits():
     assert batcher.close(timeout=5)
 
 
-def test_helper_worker_stays_idle_below_half_a_batch_and_close_stops_it():
+def test_helper_worker_stays_idle_below_its_backlog_and_close_stops_it():
     forward = RecordingForward(delay=0.2)
-    batcher = make_batcher(forward, max_batch_size=8, workers=2)
+    batcher = make_batcher(forward, max_batch_size=8, workers=2, helper_backlog=4)
 
     async def main():
         first = asyncio.ensure_future(batcher.infer([item(1)], far()))
         await asyncio.sleep(0.05)
-        second = await batcher.infer([item(2), item(3), item(4)], far())  # 3 < 8 / 2: waits
+        second = await batcher.infer([item(2), item(3), item(4)], far())  # 3 < 4: waits
         return await first, second
 
     asyncio.run(main())
@@ -215,6 +215,44 @@ def test_helper_worker_stays_idle_below_half_a_batch_and_close_stops_it():
     assert forward.batches == [[1.0], [2.0, 3.0, 4.0]]
     assert batcher.close(timeout=5)
     assert not any(thread.is_alive() for thread in batcher._threads)
+
+
+def test_a_free_forward_waits_for_announced_images_and_stops_when_they_are_withdrawn():
+    forward = RecordingForward()
+    batcher = make_batcher(forward, max_batch_size=8)
+    batcher._seconds_per_image = 1.0  # the bound: about one image's forward
+
+    async def main():
+        first, second, bad = batcher.announce(1), batcher.announce(1), batcher.announce(1)
+        start = time.monotonic()
+        one = asyncio.ensure_future(batcher.infer([item(1)], far(), first))
+        await asyncio.sleep(0.1)  # the worker holds image 1: two more are being decoded
+        two = asyncio.ensure_future(batcher.infer([item(2)], far(), second))
+        await asyncio.sleep(0.1)
+        batcher.withdraw(bad)  # the third failed to decode: nothing more is coming
+        await asyncio.gather(one, two)
+        return time.monotonic() - start
+
+    elapsed = asyncio.run(main())
+    assert forward.batches == [[1.0, 2.0]]  # one forward for both, not [[1], [2]]
+    assert elapsed < 0.6  # it stopped waiting at the withdrawal, not after the 1 s bound
+    assert batcher._incoming == 0
+    assert batcher.close(timeout=5)
+
+
+def test_without_announced_images_a_free_forward_starts_at_once():
+    forward = RecordingForward()
+    batcher = make_batcher(forward, max_batch_size=8)
+    batcher._seconds_per_image = 5.0
+
+    async def main():
+        start = time.monotonic()
+        await batcher.infer([item(3)], far(), batcher.announce(1))
+        return time.monotonic() - start
+
+    assert asyncio.run(main()) < 0.5
+    assert forward.batches == [[3.0]]
+    assert batcher.close(timeout=5)
 
 
 def test_worker_drops_items_whose_deadline_passed_while_queued():

@@ -20,7 +20,7 @@ import torch
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
-from ...batching import Prediction
+from ...batching import Announced, Batcher, Prediction
 from ...errors import ModelDraining, RequestTimeout, ServiceError, Unavailable
 from ...imaging import ImageRejected
 from ...inference import Preprocessor
@@ -118,10 +118,13 @@ async def _infer(
     deadline = arrived + settings.request_timeout_s
     entry = registry.resolve(model, version)
     k = _check_k(entry, k)
+    # the images are announced to the batcher while they decode: a forward about to start
+    # with a partial batch waits briefly for them (service.batching.Batcher._fill)
+    announced: list[tuple[Batcher, Announced]] = []
     try:
         try:
             parts, tensors = await asyncio.wait_for(
-                _read_and_preprocess(request, entry, settings, state.pool),
+                _read_and_preprocess(request, entry, settings, state.pool, announced),
                 deadline - time.monotonic(),
             )
         except asyncio.TimeoutError:
@@ -133,7 +136,8 @@ async def _infer(
             if batcher is None:
                 raise Unavailable(f"{entry.label} is not loaded; retry")
             try:
-                predictions = await batcher.infer(tensors, deadline)
+                mine = next((a for b, a in announced if b is batcher), None)
+                predictions = await batcher.infer(tensors, deadline, mine)
                 break
             except ModelDraining:
                 # the version was unloaded meanwhile (hot swap): go to the one now chosen
@@ -146,6 +150,9 @@ async def _infer(
     except (ServiceError, ImageRejected, UploadRejected) as exc:
         _count_rejection(entry, exc)
         raise
+    finally:
+        for batcher_announced, images_announced in announced:
+            batcher_announced.withdraw(images_announced)  # no-op once they were submitted
     metrics = state.metrics
     mv = (entry.name, entry.version)
     metrics.images.labels(*mv).inc(len(predictions))
@@ -154,11 +161,18 @@ async def _infer(
 
 
 async def _read_and_preprocess(
-    request: Request, entry: ModelEntry, settings: Settings, pool: ThreadPoolExecutor
+    request: Request,
+    entry: ModelEntry,
+    settings: Settings,
+    pool: ThreadPoolExecutor,
+    announced: list[tuple[Batcher, Announced]],
 ) -> tuple[list[bytes], list[torch.Tensor]]:
     parts = await read_image_parts(
         request, max_bytes=settings.max_upload_bytes, max_images=settings.max_images_per_request
     )
+    batcher = entry.batcher
+    if batcher is not None:
+        announced.append((batcher, batcher.announce(len(parts))))
     return parts, await _preprocess_all(entry, parts, pool)
 
 

@@ -1,0 +1,95 @@
+"""ModelRunner: the served network computes what the archived one computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from service.inference import ModelRunner, fold_batch_norm
+from trainer.archive import ModelCard
+from trainer.data.presets import PreprocessSpec
+from trainer.models import build_model
+
+
+def _card(arch: str, size: int, in_chans: int) -> ModelCard:
+    spec = PreprocessSpec(
+        input_size=(size, size), color_mode="L" if in_chans == 1 else "RGB",
+        mean=(0.5,) * in_chans, std=(0.25,) * in_chans,
+    )  # fmt: skip
+    return ModelCard(
+        name="m", version="1", arch=arch, num_classes=10, labels=[str(i) for i in range(10)],
+        in_chans=in_chans, small_input=True, grayscale_policy="native" if in_chans == 1 else "none",
+        preprocess=spec.to_dict(), temperature=1.5,
+    )  # fmt: skip
+
+
+def _with_trained_statistics(model: nn.Module) -> nn.Module:
+    """Random running statistics and affine terms, as a trained network has (not 0/1)."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            count = module.num_features
+            module.running_mean.copy_(torch.randn(count, generator=generator) * 0.3)
+            module.running_var.copy_(torch.rand(count, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(count, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(count, generator=generator) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize(("arch", "size", "in_chans"), [("resnet20", 32, 1), ("resnet18", 64, 3)])
+def test_folded_network_answers_as_the_archived_one(arch: str, size: int, in_chans: int) -> None:
+    model = _with_trained_statistics(
+        build_model(arch, num_classes=10, in_chans=in_chans, small_input=True)
+    )
+    card = _card(arch, size, in_chans)
+    folded = ModelRunner(model, card, device="cpu", fold_batchnorm=True, max_batch_size=4)
+    plain = ModelRunner(model, card, device="cpu", fold_batchnorm=False, max_batch_size=4)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.network.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in folded.model.modules())  # for Grad-CAM
+    batch = torch.randn(4, in_chans, size, size, generator=torch.Generator().manual_seed(1))
+    got, want = folded.forward(batch), plain.forward(batch)
+    assert got.shape == (4, 10)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    assert torch.equal(got.argmax(1), want.argmax(1))
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "resnet9"])
+def test_every_batch_norm_of_bottleneck_and_sequential_networks_is_folded(arch: str) -> None:
+    model = _with_trained_statistics(
+        build_model(arch, num_classes=10, in_chans=3, small_input=True)
+    )
+    folded = fold_batch_norm(model, torch.randn(2, 3, 32, 32))
+    assert folded is not model
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(folded(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_a_batch_norm_that_does_not_follow_its_conv_is_left_alone() -> None:
+    class NormFirst(nn.Module):  # bn1 and conv1 by name, but the norm comes first
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn1 = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv1(self.bn1(x))
+
+    model = _with_trained_statistics(NormFirst())
+    assert fold_batch_norm(model, torch.randn(2, 4, 8, 8)) is model
+
+
+def test_a_fold_that_changes_the_answers_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.inference as inference
+
+    def wrong_fold(root: nn.Module) -> int:  # stands in for a structure misread
+        for module in root.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.add_(1.0)
+        return 1
+
+    monkeypatch.setattr(inference, "_fold_in_place", wrong_fold)
+    model = _with_trained_statistics(build_model("resnet20", num_classes=10, in_chans=1))
+    assert fold_batch_norm(model, torch.randn(2, 1, 32, 32)) is model
