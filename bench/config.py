@@ -41,11 +41,14 @@ class BenchConfig:
     open_loop: tuple[float, ...] = (0.5, 0.9)  # fractions of the measured capacity
     open_loop_targets: tuple[str, ...] = ("service",)
     repeats: int = 3
+    # a window must hold many batch cycles: images complete a whole batch at a time, so a
+    # 5 s window of ResNet-50 (a batch of 16 takes ~2.5 s per forward thread on 2 cores) could
+    # only count 3 or 4 batches: +-25% from where its edges fell (the first full run's T7)
     timing: dict[str, Timing] = field(
         default_factory=lambda: {
             "r20": Timing(warmup_s=1.5, duration_s=3.0),
-            "r18": Timing(warmup_s=2.0, duration_s=4.0),
-            "r50": Timing(warmup_s=3.0, duration_s=5.0),
+            "r18": Timing(warmup_s=2.0, duration_s=5.0),
+            "r50": Timing(warmup_s=4.0, duration_s=12.0),
         }
     )
     limit_batches: tuple[int, ...] = (8, 16)  # plus the service's MAX_BATCH_SIZE if different

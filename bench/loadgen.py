@@ -90,6 +90,15 @@ def build_requests(
     return requests
 
 
+class NothingAnswered(ConnectionError):
+    """The server closed the connection before sending any byte of an answer.
+
+    On a keep-alive connection that sat idle this is the server's idle timeout racing the next
+    request (HTTP/1.1 allows it to close idle connections at any time); clients retry such a
+    request once on a new connection, and so does the open-loop sender (counted as ``retried``).
+    """
+
+
 class Connection:
     """One keep-alive connection; ``roundtrip`` sends a request and reads its whole answer."""
 
@@ -105,9 +114,16 @@ class Connection:
         return cls(reader, writer)
 
     async def roundtrip(self, request: bytes) -> tuple[int, bool, bytes]:
-        """(status, server wants to close, body)."""
-        self.writer.write(request)
-        head = await self.reader.readuntil(b"\r\n\r\n")
+        """(status, server wants to close, body); ``NothingAnswered`` if the peer closed first."""
+        try:
+            self.writer.write(request)
+            head = await self.reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                raise
+            raise NothingAnswered("closed before any byte of an answer") from exc
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise NothingAnswered(f"{type(exc).__name__} before any byte of an answer") from exc
         status = int(head[9:12])
         lower = head.lower()
         close = b"\r\nconnection: close" in lower
@@ -277,6 +293,7 @@ class Window:
     errors: Counter[str] = field(default_factory=Counter)
     late: int = 0
     dropped: int = 0
+    retried: int = 0  # requests re-sent on a new connection after an idle one was closed
 
 
 @dataclass
@@ -393,7 +410,18 @@ class OpenLoop:
         try:
             if conn is None:
                 conn = await Connection.open(self.host, self.port)
-            status, close, body = await conn.roundtrip(request)
+                status, close, body = await conn.roundtrip(request)
+            else:
+                try:
+                    status, close, body = await conn.roundtrip(request)
+                except NothingAnswered:  # an idle connection the server had closed: once more
+                    conn.close()
+                    conn = None
+                    slot = state.windows.get(window)
+                    if slot is not None:
+                        slot.retried += 1
+                    conn = await Connection.open(self.host, self.port)
+                    status, close, body = await conn.roundtrip(request)
         except CONNECTION_ERRORS as exc:
             state.record_failure(window, "connection", exc)
             if conn is not None:
@@ -446,6 +474,7 @@ def summarize(slot: Window, elapsed: float, images_per_request: int) -> dict[str
         "mean_s": sum(lat) / ok if ok else None,
         "late": slot.late,
         "dropped": slot.dropped,
+        "retried": slot.retried,
     }
 
 

@@ -218,10 +218,15 @@ def ratios(models: dict[str, Any], c: int = 32) -> list[dict[str, Any]]:
     service_vs_limit("T7", "r50", 0.90)
     for model in models:
         point = open_point(models, model, "service", 0.9)
+        tail = point and point.get("p99_over_p50")
+        if tail is None:  # results written before the per-window ratio existed
+            tail = _ratio(point and point["p99_s"], point and point["p50_s"])
+        windows = ", ".join(f"{t:.2f}" for t in (point or {}).get("p99_over_p50_windows", []))
         out.append(_entry(
-            "T8", model, "open loop at 90% of capacity: service p99 / p50",
-            _ratio(point and point["p99_s"], point and point["p50_s"]), "<=", 3.0,
-            f"p99 {_fmt(point and point['p99_s'], 1000, 1)} / p50 {_fmt(point and point['p50_s'], 1000, 1)} ms",
+            "T8", model, "open loop at 90% of capacity: service p99 / p50 (median of windows)",
+            tail, "<=", 3.0,
+            f"windows {windows or '-'}; medians p99 {_fmt(point and point['p99_s'], 1000, 1)}"
+            f" / p50 {_fmt(point and point['p50_s'], 1000, 1)} ms",
         ))  # fmt: skip
     return out
 
@@ -257,6 +262,8 @@ def _row(target: str, point: dict[str, Any], duration: float) -> str:
     errors = f"{m['error_count']:.0f}" if m["error_count"] else "0"
     if m.get("errors"):
         errors += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(m["errors"].items())) + ")"
+    if m.get("retried"):  # idle keep-alive connections the server had closed: sent again
+        errors += f" (retried on a new connection: {m['retried']})"
     cells = [
         target, load, _fmt(m["req_s"]), _fmt(m["img_s"]), _fmt(m["p50_s"], 1000),
         _fmt(m["p95_s"], 1000), _fmt(m["p99_s"], 1000), _fmt(m["max_s"], 1000), errors,

@@ -44,6 +44,12 @@ def median_of(windows: list[dict[str, Any]]) -> dict[str, Any]:
     out["server_cpu_ms_per_req"] = (
         1000 * sum(cpu) / sum(ok) if cpu and sum(ok) else None
     )  # fmt: skip
+    # a ratio of two quantiles is taken within each window, then the median over windows (the
+    # medians of p99 and of p50 taken apart can come from different windows)
+    tails = [w["p99_s"] / w["p50_s"] for w in windows if w.get("p99_s") and w.get("p50_s")]
+    out["p99_over_p50"] = statistics.median(tails) if tails else None
+    out["p99_over_p50_windows"] = [round(t, 2) for t in tails]
+    out["retried"] = sum(w.get("retried", 0) for w in windows)
     out["errors"] = {}
     for window in windows:
         for kind, count in window.get("errors", {}).items():
@@ -63,7 +69,9 @@ def merge_loadgen(results: list[dict[str, Any]]) -> dict[str, Any]:
         parts = [r["windows"][index] for r in results]
         lat = sorted(x for p in parts for x in p.get("latencies", []))
         window = dict(first)
-        for key in ("ok", "req_s", "img_s", "loadgen_cpu_s", "error_count", "late", "dropped"):
+        for key in (
+            "ok", "req_s", "img_s", "loadgen_cpu_s", "error_count", "late", "dropped", "retried",
+        ):  # fmt: skip
             window[key] = sum(p.get(key) or 0 for p in parts)
         errors: dict[str, int] = {}
         for part in parts:
