@@ -1,6 +1,6 @@
 """``python -m bench run``: build what it measures, measure every target, write the results.
 
-    .venv/bin/python -m bench run                 # full CPU run (~25 min on 2 cores)
+    .venv/bin/python -m bench run                 # full CPU run (~32 min on 2 cores)
     .venv/bin/python -m bench run --quick         # a few minutes: r20 + r18, C=1 and 32
     .venv/bin/python -m bench run --images ../shared/bench-images   # the reference image set
     .venv/bin/python -m bench run --gpu --dry-run  # the CUDA plan, without running it
@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     sub = top.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="measure every target and write the results")
-    run.add_argument("--quick", action="store_true", help="a few minutes instead of ~25")
+    run.add_argument("--quick", action="store_true", help="a few minutes instead of ~32")
     run.add_argument("--gpu", action="store_true", help="CUDA mode (ResNet-50, bf16, big batches)")
     run.add_argument("--images", type=Path, help="a folder of images (default: generated set)")
     run.add_argument("--models", type=_csv, help=f"comma list of {', '.join(MODELS)}")

@@ -117,6 +117,9 @@ def service_defaults(overrides: dict[str, str]) -> dict[str, Any]:
         "MAX_BATCH_SIZE": settings.max_batch_size,
         "MAX_BATCH_DELAY_MS": settings.max_batch_delay_ms,
         "TORCH_THREADS": settings.threads,
+        "INFERENCE_WORKERS": settings.forward_workers,
+        "HELPER_BACKLOG": settings.helper_backlog or 1,
+        "FOLD_BATCHNORM": settings.fold_batchnorm,
         "PREPROCESS_THREADS": settings.pool_threads,
         "CHANNELS_LAST": "on (default)"
         if settings.channels_last is None
