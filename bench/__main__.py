@@ -87,6 +87,7 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--rounds", type=int, default=2)
     comp.add_argument("--duration", type=float, default=3.0)
     comp.add_argument("--warmup", type=float, default=1.5)
+    comp.add_argument("--images", type=Path, help="a folder of images (default: generated set)")
     sub.add_parser("images", help="write the generated image set into bench/.cache/images")
     sub.add_parser("archives", help="build (or reuse) the benchmark archives")
     return top
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         out = compare(
             args.model, args.variant, concurrency=args.concurrency, rounds=args.rounds,
             timing=Timing(warmup_s=args.warmup, duration_s=args.duration), target=args.target,
-            open_fraction=args.open_loop,
+            open_fraction=args.open_loop, images_dir=args.images,
         )  # fmt: skip
         print_compare(out)
         return 0

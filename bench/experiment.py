@@ -196,6 +196,7 @@ def compare(
     timing: Timing,
     target: str = "service",
     open_fraction: float | None = None,
+    images_dir: Path | None = None,
 ) -> dict[str, Any]:
     from trainer.archive import read_card
 
@@ -208,7 +209,7 @@ def compare(
         name: defaultdict(list) for name, _, _ in parsed
     }
     runner = Runner(BenchConfig(models=(model,), targets=(target,), repeats=1))
-    runner.image_set = images.ensure(None, CACHE)
+    runner.image_set = images.ensure(images_dir, CACHE)
     try:
         for round_index in range(rounds):
             order = parsed if round_index % 2 == 0 else list(reversed(parsed))
@@ -244,6 +245,7 @@ def compare(
         for name, points in results.items()
     }
     out = {"model": model, "variants": variants, "rounds": rounds, "timing": vars(timing),
+           "images": [str(p) for p in runner.image_set.files],
            "median": table, "runs": {k: dict(v) for k, v in results.items()}}  # fmt: skip
     path = CACHE / "compare" / f"{model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
