@@ -118,7 +118,7 @@ def service_defaults(overrides: dict[str, str]) -> dict[str, Any]:
         "MAX_BATCH_DELAY_MS": settings.max_batch_delay_ms,
         "TORCH_THREADS": settings.threads,
         "INFERENCE_WORKERS": settings.forward_workers,
-        "HELPER_BACKLOG": settings.helper_backlog or 1,
+        "HELPER_BACKLOG": settings.helper_backlog,
         "FOLD_BATCHNORM": settings.fold_batchnorm,
         "PREPROCESS_THREADS": settings.pool_threads,
         "CHANNELS_LAST": "on (default)"

@@ -69,10 +69,11 @@ class WorkItem:
 
 @dataclass(slots=True, eq=False)
 class Announced:
-    """Images announced to a batcher while they are decoded (``Batcher.announce``)."""
+    """Images announced to ``batcher`` while they are decoded (``Batcher.announce``)."""
 
+    batcher: Batcher
     count: int
-    open: bool = True
+    open: bool = True  # still counted as incoming by ``batcher``
 
 
 @dataclass(slots=True, frozen=True)
@@ -156,10 +157,10 @@ class Batcher:
         metrics: Any = None,
         metric_labels: tuple[str, str] = ("model", "0"),
         workers: int = 1,
-        helper_backlog: int | None = None,
+        helper_backlog: int = 1,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or workers < 1:
-            raise ValueError("max_batch_size, max_queue and workers must be >= 1")
+        if min(max_batch_size, max_queue, workers, helper_backlog) < 1:
+            raise ValueError("max_batch_size, max_queue, workers and helper_backlog must be >= 1")
         self.forward_fn = forward_fn
         self.stack_fn = stack_fn
         self.max_batch_size = max_batch_size
@@ -170,13 +171,13 @@ class Batcher:
         self.batches_run = 0
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._backlog = threading.Condition(self._lock)  # helpers wait here for a full batch
+        self._backlog = threading.Condition(self._lock)  # idle helpers wait here for work
         self._pending = 0  # images admitted and not yet taken by a worker
         self._incoming = 0  # images of admitted requests still being decoded (announce())
         self._closed = False
         self._seconds_per_image = 0.01  # moving average, for Retry-After
         self.workers = workers  # the primary and workers - 1 helpers
-        self._helper_backlog = helper_backlog or 1  # images waiting before a helper starts
+        self._helper_backlog = helper_backlog  # images waiting before a helper starts
         self._threads = [
             threading.Thread(
                 target=self._run, args=(index > 0,), daemon=True,
@@ -224,15 +225,18 @@ class Batcher:
         """
         with self._lock:
             self._incoming += count
-        return Announced(count)
+        return Announced(self, count)
 
     def withdraw(self, announced: Announced | None) -> None:
-        if announced is None:
-            return
-        with self._lock:
-            if announced.open:
-                announced.open = False
-                self._incoming -= announced.count
+        if announced is not None:
+            with self._lock:
+                self._settle(announced)
+
+    def _settle(self, announced: Announced) -> None:
+        """No longer expect ``announced`` (arrived or withdrawn); idempotent; lock held."""
+        if announced.open and announced.batcher is self:
+            announced.open = False
+            self._incoming -= announced.count
 
     def submit(
         self, inputs: Sequence[torch.Tensor], deadline: float, announced: Announced | None = None
@@ -241,9 +245,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         count = len(inputs)
         with self._lock:
-            if announced is not None and announced.open:  # they arrive: no longer expected
-                announced.open = False
-                self._incoming -= announced.count
+            if announced is not None:
+                self._settle(announced)  # they arrive
             if self._closed:
                 raise ModelDraining(f"{self.name} is being unloaded; retry")
             if self._pending + count > self.max_queue:
@@ -346,7 +349,7 @@ class Batcher:
                 return
 
     def _wait_for_backlog(self) -> bool:
-        """Block until a full batch is queued (True) or the batcher closes (False)."""
+        """Block until ``helper_backlog`` images wait (True) or the batcher closes (False)."""
         with self._backlog:
             while self._pending < self._helper_backlog and not self._closed:
                 self._backlog.wait()

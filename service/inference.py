@@ -147,8 +147,8 @@ class ModelRunner:
             if self.channels_last:
                 example = example.contiguous(memory_format=torch.channels_last)
             self.network = fold_batch_norm(model, example)
-        if self.channels_last:
-            self.network = self.network.to(memory_format=torch.channels_last)
+            if self.channels_last:  # the folded convolutions' new weights: NHWC as well
+                self.network = self.network.to(memory_format=torch.channels_last)
         self.max_batch_size = max_batch_size
         # pinned host buffers for async H2D copies, one per inference thread (a batcher may
         # run several forwards at once; each thread reuses its own after its forward synced)

@@ -55,10 +55,9 @@ class Settings(BaseSettings):
         description=f"forward threads per model version (default: usable CPUs // TORCH_THREADS, "
         f"at most {MAX_AUTO_WORKERS}); extra ones start when HELPER_BACKLOG images wait",
     )  # fmt: skip
-    helper_backlog: int | None = Field(
-        None, ge=1, le=4096,
-        description="images waiting (while the first forward runs) before a helper forward "
-        "starts; default 1",
+    helper_backlog: int = Field(
+        1, ge=1, le=4096,
+        description="images waiting (while the first forward runs) before a helper forward starts",
     )  # fmt: skip
     torch_threads: int | None = Field(
         None, ge=1, le=1024, description="default: usable CPUs - 1 (at least 1)"

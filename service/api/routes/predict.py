@@ -20,7 +20,7 @@ import torch
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
-from ...batching import Announced, Batcher, Prediction
+from ...batching import Announced, Prediction
 from ...errors import ModelDraining, RequestTimeout, ServiceError, Unavailable
 from ...imaging import ImageRejected
 from ...inference import Preprocessor
@@ -118,14 +118,18 @@ async def _infer(
     deadline = arrived + settings.request_timeout_s
     entry = registry.resolve(model, version)
     k = _check_k(entry, k)
-    # the images are announced to the batcher while they decode: a forward about to start
-    # with a partial batch waits briefly for them (service.batching.Batcher._fill)
-    announced: list[tuple[Batcher, Announced]] = []
+    announced: Announced | None = None
     try:
         try:
-            parts, tensors = await asyncio.wait_for(
-                _read_and_preprocess(request, entry, settings, state.pool, announced),
+            parts = await asyncio.wait_for(
+                read_image_parts(request, max_bytes=settings.max_upload_bytes,
+                                 max_images=settings.max_images_per_request),
                 deadline - time.monotonic(),
+            )  # fmt: skip
+            if entry.batcher is not None:  # a forward about to start with a partial batch
+                announced = entry.batcher.announce(len(parts))  # waits briefly for these
+            tensors = await asyncio.wait_for(
+                _preprocess_all(entry, parts, state.pool), deadline - time.monotonic()
             )
         except asyncio.TimeoutError:
             raise RequestTimeout(
@@ -136,8 +140,7 @@ async def _infer(
             if batcher is None:
                 raise Unavailable(f"{entry.label} is not loaded; retry")
             try:
-                mine = next((a for b, a in announced if b is batcher), None)
-                predictions = await batcher.infer(tensors, deadline, mine)
+                predictions = await batcher.infer(tensors, deadline, announced)
                 break
             except ModelDraining:
                 # the version was unloaded meanwhile (hot swap): go to the one now chosen
@@ -151,29 +154,13 @@ async def _infer(
         _count_rejection(entry, exc)
         raise
     finally:
-        for batcher_announced, images_announced in announced:
-            batcher_announced.withdraw(images_announced)  # no-op once they were submitted
+        if announced is not None:  # a no-op once they were submitted
+            announced.batcher.withdraw(announced)
     metrics = state.metrics
     mv = (entry.name, entry.version)
     metrics.images.labels(*mv).inc(len(predictions))
     metrics.request_duration.labels(*mv).observe(time.monotonic() - arrived)
     return entry, predictions, k
-
-
-async def _read_and_preprocess(
-    request: Request,
-    entry: ModelEntry,
-    settings: Settings,
-    pool: ThreadPoolExecutor,
-    announced: list[tuple[Batcher, Announced]],
-) -> tuple[list[bytes], list[torch.Tensor]]:
-    parts = await read_image_parts(
-        request, max_bytes=settings.max_upload_bytes, max_images=settings.max_images_per_request
-    )
-    batcher = entry.batcher
-    if batcher is not None:
-        announced.append((batcher, batcher.announce(len(parts))))
-    return parts, await _preprocess_all(entry, parts, pool)
 
 
 def _spec(entry: ModelEntry) -> Any:
