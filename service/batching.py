@@ -306,12 +306,12 @@ class Batcher:
                 batch = collect_batch(self._queue, self.max_batch_size, 0.0, block_timeout=0.0)
             else:
                 batch = collect_batch(self._queue, self.max_batch_size, self.max_delay_s)
+            with self._lock:  # taken: no longer pending (a helper must not spin on them)
+                self._pending -= sum(1 for item in batch if item is not _STOP)
             self._fill(batch)
             stop = bool(batch) and batch[-1] is _STOP
             items = [item for item in batch if item is not _STOP]
             if items:
-                with self._lock:
-                    self._pending -= len(items)
                 try:
                     self._process(items)
                 except BaseException as exc:  # never let the worker die
@@ -347,6 +347,8 @@ class Batcher:
                 continue
             if batch[-1] is _STOP:
                 return
+            with self._lock:
+                self._pending -= 1
 
     def _wait_for_backlog(self) -> bool:
         """Block until ``helper_backlog`` images wait (True) or the batcher closes (False)."""
