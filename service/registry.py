@@ -38,7 +38,7 @@ from trainer.archive import (
 
 from .batching import Batcher
 from .errors import Conflict, InvalidRequest, NotFound, Unavailable
-from .inference import ModelRunner, Preprocessor
+from .inference import ModelRunner, Preprocessor, use_torchscript
 from .metrics import Metrics
 from .settings import Settings
 
@@ -346,6 +346,7 @@ class Registry:
             runner = ModelRunner(
                 model, card, device=self.device, precision=settings.precision,
                 channels_last=settings.channels_last, fold_batchnorm=settings.fold_batchnorm,
+                torchscript=use_torchscript(settings.torchscript, card.input_size),
                 max_batch_size=settings.max_batch_size,
             )  # fmt: skip
             if settings.warmup == "all":

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     fold_batchnorm: bool = Field(
         True, description="fold BatchNorm into the convolutions for serving (same answers)"
     )
+    torchscript: Literal["auto", "on", "off"] = Field(
+        "auto", description="serve the fp32 forward as a frozen TorchScript graph (same answers; "
+        "one GIL release per batch instead of one per layer); auto: for inputs of at most "
+        "64x64 pixels, where per-layer overhead dominates",
+    )  # fmt: skip
     max_batch_size: int = Field(16, ge=1, le=4096)
     max_batch_delay_ms: float = Field(0.0, ge=0.0, le=10_000.0)
     max_queue: int = Field(256, ge=1, le=1_000_000, description="images waiting per model version")

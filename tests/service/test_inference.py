@@ -93,3 +93,51 @@ def test_a_fold_that_changes_the_answers_is_refused(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(inference, "_fold_in_place", wrong_fold)
     model = _with_trained_statistics(build_model("resnet20", num_classes=10, in_chans=1))
     assert fold_batch_norm(model, torch.randn(2, 1, 32, 32)) is model
+
+
+@pytest.mark.parametrize(("arch", "size", "in_chans"), [("resnet20", 32, 1), ("resnet18", 64, 3)])
+def test_traced_forward_answers_as_the_eager_one_at_every_batch_size(
+    arch: str, size: int, in_chans: int
+) -> None:
+    model = _with_trained_statistics(
+        build_model(arch, num_classes=10, in_chans=in_chans, small_input=True)
+    )
+    card = _card(arch, size, in_chans)
+    traced = ModelRunner(model, card, device="cpu", torchscript=True, max_batch_size=5)
+    eager = ModelRunner(model, card, device="cpu", torchscript=False, max_batch_size=5)
+    assert traced.traced and isinstance(traced.probabilities, torch.jit.ScriptModule)
+    assert not eager.traced
+    generator = torch.Generator().manual_seed(2)
+    for size_of_batch in (1, 2, 5):  # traced at 2: the graph must not fix the batch size
+        batch = torch.randn(size_of_batch, in_chans, size, size, generator=generator)
+        got, want = traced.forward(batch), eager.forward(batch)
+        assert got.shape == (size_of_batch, 10)
+        assert torch.allclose(got, want, atol=1e-5, rtol=0)
+        assert torch.allclose(got.sum(1), torch.ones(size_of_batch), atol=1e-5)  # temperature 1.5
+
+
+def test_a_network_whose_trace_would_differ_is_served_eagerly() -> None:
+    class BranchesOnBatchSize(nn.Module):  # tracing at batch 2 records only one branch
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 10, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            pooled = self.conv(x).mean((2, 3))
+            return pooled * 3 if x.shape[0] > 2 else pooled
+
+    card = _card("resnet20", 8, 1)
+    runner = ModelRunner(BranchesOnBatchSize(), card, device="cpu", max_batch_size=4)
+    assert not runner.traced
+    batch = torch.randn(3, 1, 8, 8)
+    with torch.inference_mode():
+        want = torch.softmax(runner.network(batch) / 1.5, dim=1)
+    assert torch.allclose(runner.forward(batch), want, atol=1e-6)
+
+
+def test_torchscript_auto_traces_only_small_inputs() -> None:
+    from service.inference import use_torchscript
+
+    assert use_torchscript("auto", (32, 32)) and use_torchscript("auto", (64, 64))
+    assert not use_torchscript("auto", (224, 224)) and not use_torchscript("auto", (65, 64))
+    assert use_torchscript("on", (224, 224)) and not use_torchscript("off", (28, 28))
