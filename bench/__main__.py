@@ -144,7 +144,7 @@ def _fields(cfg: BenchConfig) -> dict[str, Any]:
 def estimate_s(cfg: BenchConfig) -> float:
     """A rough wall-clock estimate (2-core machine): start-ups + warm-ups + windows."""
     startup = {"service": 15, "service-mbs1": 15, "naive": 8, "torchserve-1w": 20,
-               "torchserve-1w-omp1": 20, "torchserve-2w": 30}  # fmt: skip
+               "torchserve-1w-omp1": 20, "torchserve-2w": 30, "http-floor": 4}  # fmt: skip
     total = 0.0
     for model in cfg.models:
         timing = cfg.timing_for(model)
@@ -219,6 +219,8 @@ def run(cfg: BenchConfig, *, append: bool) -> int:
         **measured,
     }
     result["ratios"] = report.ratios(result["models"])
+    cores = result["meta"]["machine"]["usable_cores"]
+    result["ceilings"] = report.ceilings(result["models"], cores)
     path = report.write_json(result, cfg.results_dir)
     text = report.markdown(result, path)
     if append:

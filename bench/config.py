@@ -14,10 +14,14 @@ CACHE = ROOT / "bench" / ".cache"
 
 # the HTTP targets, in the order they are measured for each model
 # torchserve-<W>w: W workers (OMP_NUM_THREADS=1 when W > 1); -omp1: 1 worker with OMP 1 too
+# http-floor: a FastAPI endpoint that only reads the body (bench/floor_app.py); it does not
+# depend on the model, so it is measured with the first model's load only
 HTTP_TARGETS = (
     "service", "service-mbs1", "naive", "torchserve-1w", "torchserve-1w-omp1", "torchserve-2w",
+    "http-floor",
 )  # fmt: skip
 TARGETS = ("limit", *HTTP_TARGETS)
+MODEL_FREE_TARGETS = ("http-floor",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,7 +87,11 @@ class BenchConfig:
 
     def targets_for(self, model: str) -> tuple[str, ...]:
         wanted = self.model_targets.get(model)
-        return tuple(t for t in self.targets if wanted is None or t in wanted)
+        first = model == self.models[0]
+        return tuple(
+            t for t in self.targets
+            if (wanted is None or t in wanted) and (first or t not in MODEL_FREE_TARGETS)
+        )  # fmt: skip
 
     def timing_for(self, model: str) -> Timing:
         return self.timing.get(model, Timing(warmup_s=2.0, duration_s=4.0))
@@ -116,6 +124,7 @@ def quick(**overrides: Any) -> BenchConfig:
             "naive",
             "torchserve-1w",
             "torchserve-1w-omp1",
+            "http-floor",
         ),  # fmt: skip
         "model_targets": {},
         "concurrency": (1, 32),

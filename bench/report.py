@@ -120,6 +120,7 @@ def service_defaults(overrides: dict[str, str]) -> dict[str, Any]:
         "INFERENCE_WORKERS": settings.forward_workers,
         "HELPER_BACKLOG": settings.helper_backlog,
         "FOLD_BATCHNORM": settings.fold_batchnorm,
+        "TORCHSCRIPT": settings.torchscript,
         "PREPROCESS_THREADS": settings.pool_threads,
         "CHANNELS_LAST": "on (default)"
         if settings.channels_last is None
@@ -232,6 +233,82 @@ def ratios(models: dict[str, Any], c: int = 32) -> list[dict[str, Any]]:
             f" / p50 {_fmt(point and point['p50_s'], 1000, 1)} ms",
         ))  # fmt: skip
     return out
+
+
+def floor_point(models: dict[str, Any], c: int) -> dict[str, Any] | None:
+    """The http-floor target's closed-loop point at ``c`` (measured with one model's load)."""
+    for model in models:
+        point = closed_point(models, model, "http-floor", c)
+        if point is not None:
+            return point
+    return None
+
+
+def limit_cpu_per_image(limit: dict[str, Any]) -> float | None:
+    """CPU seconds per image of the LIMIT's best configuration (all its threads together)."""
+    best = limit.get(f"batch_{limit.get('best_batch')}", {})
+    windows = best.get("windows") or []
+    images = sum(w.get("images", 0) for w in windows)
+    return sum(w["cpu_s"] for w in windows) / images if images else None
+
+
+def ceilings(models: dict[str, Any], cores: int, c: int = 32) -> list[dict[str, Any]]:
+    """How close any FastAPI service could come to each LIMIT on these cores.
+
+    A service must spend, per image, at least the LIMIT's CPU plus what the http-floor app
+    (read the body, answer a small JSON) and the load generator cost per request on the same
+    cores. Throughput then cannot exceed ``cores / (limit + floor + loadgen)``.
+    """
+    floor = floor_point(models, c)
+    if floor is None or not floor.get("req_s") or floor.get("server_cpu_ms_per_req") is None:
+        return []
+    loadgen_per_request = (floor.get("loadgen_cpu_s") or 0.0) / (
+        floor["req_s"] * _window_s(models, "http-floor")
+    )
+    per_request = floor["server_cpu_ms_per_req"] / 1000 + loadgen_per_request
+    out = []
+    for model, data in models.items():
+        limit = data.get("limit") or {}
+        limit_cpu, limit_img_s = limit_cpu_per_image(limit), limit.get("img_s")
+        if not limit_cpu or not limit_img_s:
+            continue
+        ceiling_img_s = min(limit_img_s, cores / (limit_cpu + per_request))
+        out.append({
+            "model": model, "c": c, "limit_img_s": limit_img_s,
+            "limit_cpu_ms_per_img": 1000 * limit_cpu, "floor_cpu_ms_per_req": 1000 * per_request,
+            "floor_req_s": floor["req_s"], "ceiling_img_s": ceiling_img_s,
+            "ceiling_ratio": ceiling_img_s / limit_img_s,
+        })  # fmt: skip
+    return out
+
+
+def _window_s(models: dict[str, Any], target: str) -> float:
+    """The window length of ``target``'s points (CPU seconds are per window)."""
+    for data in models.values():
+        if target in data.get("targets", {}):
+            return float(data.get("timing", {}).get("duration_s") or 1.0)
+    return 1.0
+
+
+def ceiling_table(entries: list[dict[str, Any]]) -> list[str]:
+    if not entries:
+        return []
+    first = entries[0]
+    lines = [
+        f"#### Ceiling for any FastAPI service (HTTP floor at C={first['c']}: "
+        f"{first['floor_req_s']:.0f} req/s, {first['floor_cpu_ms_per_req']:.2f} CPU ms per "
+        "request, server + load generator)",
+        "",
+        "| model | LIMIT img/s | LIMIT CPU ms/img | ceiling img/s | ceiling / LIMIT |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for e in entries:
+        lines.append(
+            f"| {e['model']} | {e['limit_img_s']:.1f} | {e['limit_cpu_ms_per_img']:.2f} | "
+            f"{e['ceiling_img_s']:.1f} | {e['ceiling_ratio']:.2f} |"
+        )
+    lines.append("")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,6 +455,7 @@ def markdown(result: dict[str, Any], json_path: Path | None) -> str:
         lines += model_table(key, data, gpu)
     lines += ["#### Targets (ratios within this run)", ""]
     lines += ratio_table(result["ratios"])
+    lines += ceiling_table(result.get("ceilings", []))
     return "\n".join(lines) + "\n"
 
 

@@ -307,6 +307,9 @@ class Runner:
             device = "cuda" if cfg.gpu else "cpu"
             with targets.naive(archive, logs, self.tracker, device=device) as ep:
                 yield ep
+        elif target == "http-floor":
+            with targets.http_floor(logs, self.tracker) as ep:
+                yield ep
         elif target.startswith("torchserve"):
             if self.ts_binary is None:
                 raise targets.TargetUnavailable(self.ts_problem or "TorchServe skipped")

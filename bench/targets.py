@@ -226,6 +226,29 @@ def naive(archive: Path, logs: Path, tracker: Tracker, device: str = "cpu") -> I
         _stop(proc)
 
 
+@contextlib.contextmanager
+def http_floor(logs: Path, tracker: Tracker) -> Iterator[Endpoint]:
+    """bench/floor_app.py on the service's server stack (uvloop + httptools when installed)."""
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "uvicorn", "bench.floor_app:app", "--host", "127.0.0.1",
+        "--port", str(port), "--no-access-log", "--log-level", "warning",
+        "--loop", "auto", "--http", "auto",
+    ]  # fmt: skip
+    log = logs / "http-floor.log"
+    start = time.perf_counter()
+    proc = _spawn(argv, base_env(), log, tracker)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/ping", proc, log)
+        yield Endpoint(
+            "http-floor", port, "/predict", [proc.pid], log,
+            settings={"uvicorn": "1 process, uvloop/httptools if installed, access log off"},
+            started_s=time.perf_counter() - start,
+        )  # fmt: skip
+    finally:
+        _stop(proc)
+
+
 # ---------------------------------------------------------------------------------------------
 # TorchServe
 # ---------------------------------------------------------------------------------------------

@@ -193,6 +193,30 @@ def test_ratios_pass_and_fail_from_one_run() -> None:
     assert "not measured" in text
 
 
+def test_the_ceiling_adds_the_http_floor_to_the_limits_cpu_per_image() -> None:
+    windows = [{"images": 600, "cpu_s": 1.8}, {"images": 600, "cpu_s": 1.8}]  # 3 ms per image
+    models = {
+        "r20": {
+            "timing": {"duration_s": 3.0},
+            "limit": {"img_s": 600.0, "best_batch": "16x2", "batch_16x2": {"windows": windows}},
+            "targets": {"http-floor": {"points": [{"mode": "closed", "concurrency": 32, "median": {
+                "req_s": 2000.0, "server_cpu_ms_per_req": 0.5, "loadgen_cpu_s": 0.6}}]}},
+        },
+        "r18": {"limit": {"img_s": 50.0, "best_batch": "8x2",
+                          "batch_8x2": {"windows": [{"images": 250, "cpu_s": 10.0}]}}},
+    }  # fmt: skip
+    found = {e["model"]: e for e in report.ceilings(models, cores=2)}
+    # floor: 0.5 ms server + 0.6 s / (2000 req/s x 3 s) = 0.1 ms load generator per request
+    assert found["r20"]["floor_cpu_ms_per_req"] == pytest.approx(0.6)
+    assert found["r20"]["ceiling_img_s"] == pytest.approx(2 / 0.0036)  # 555.6 < 600
+    assert found["r20"]["ceiling_ratio"] == pytest.approx(2 / 0.0036 / 600)  # 0.93
+    assert found["r18"]["ceiling_ratio"] == pytest.approx(2 / 0.0406 / 50)  # 0.985
+    assert report.ceilings({"r18": models["r18"]}, cores=2) == []  # no floor measured
+    assert "| r20 | 600.0 | 3.00 | 555.6 | 0.93 |" in "\n".join(
+        report.ceiling_table(list(found.values()))
+    )
+
+
 def test_profile_stacks_are_attributed_to_pipeline_stages() -> None:
     raw = "\n".join(
         [
@@ -289,7 +313,7 @@ def _run_bench(cache: Path, tmp_path: Path, *extra: str) -> subprocess.Popen[str
 @pytest.mark.slow
 def test_short_run_against_the_real_service(bench_cache: Path, tmp_path: Path) -> None:
     proc = _run_bench(
-        bench_cache, tmp_path, "--targets", "limit,service,naive", "--concurrency", "1,32",
+        bench_cache, tmp_path, "--targets", "limit,service,naive,http-floor", "--concurrency", "1,32",
         "--open-loop", "0.9", "--duration", "2", "--limit-batches", "4",
     )  # fmt: skip
     out, err = proc.communicate(timeout=400)
@@ -314,7 +338,12 @@ def test_short_run_against_the_real_service(bench_cache: Path, tmp_path: Path) -
     assert all(p["median"]["req_s"] > 0 and p["median"]["error_count"] == 0 for p in naive)
     ids = {(e["id"], e["model"]) for e in result["ratios"] if e["pass"] is not None}
     assert {("T4", "r20"), ("T5", "r20"), ("T6", "r20"), ("T8", "r20")} <= ids
+    floor = r20["targets"]["http-floor"]["points"]
+    assert all(p["median"]["req_s"] > 0 and p["median"]["error_count"] == 0 for p in floor)
+    [ceiling] = result["ceilings"]
+    assert 0 < ceiling["ceiling_ratio"] <= 1 and ceiling["floor_cpu_ms_per_req"] > 0
     text = (tmp_path / "RESULTS.md").read_text()
+    assert "Ceiling for any FastAPI service" in text
     assert "| service | C=32 |" in text
     assert "| T4 | r20 |" in text
     assert not _ours(bench_cache), "the run left processes behind"
