@@ -206,43 +206,47 @@ def service(
 @contextlib.contextmanager
 def naive(archive: Path, logs: Path, tracker: Tracker, device: str = "cpu") -> Iterator[Endpoint]:
     """The tutorial-style FastAPI app (bench/naive_app.py) under plain uvicorn."""
-    port = free_port()
     env = base_env({"BENCH_ARCHIVE": str(archive), "BENCH_DEVICE": device})
-    argv = [
-        sys.executable, "-m", "uvicorn", "bench.naive_app:app", "--host", "127.0.0.1",
-        "--port", str(port), "--no-access-log", "--log-level", "warning",
-    ]  # fmt: skip
-    log = logs / "naive.log"
-    start = time.perf_counter()
-    proc = _spawn(argv, env, log, tracker)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/ping", proc, log)
-        yield Endpoint(
-            "naive", port, "/predict", [proc.pid], log,
-            settings={"uvicorn": "1 process, default loop/http, access log off"},
-            started_s=time.perf_counter() - start,
-        )  # fmt: skip
-    finally:
-        _stop(proc)
+    with _uvicorn_app(
+        "naive", "bench.naive_app:app", [], env, logs, tracker,
+        "1 process, default loop/http, access log off",
+    ) as endpoint:  # fmt: skip
+        yield endpoint
 
 
 @contextlib.contextmanager
 def http_floor(logs: Path, tracker: Tracker) -> Iterator[Endpoint]:
     """bench/floor_app.py on the service's server stack (uvloop + httptools when installed)."""
+    with _uvicorn_app(
+        "http-floor", "bench.floor_app:app", ["--loop", "auto", "--http", "auto"], base_env(),
+        logs, tracker, "1 process, uvloop/httptools if installed, access log off",
+    ) as endpoint:  # fmt: skip
+        yield endpoint
+
+
+@contextlib.contextmanager
+def _uvicorn_app(
+    name: str,
+    app: str,
+    options: list[str],
+    env: dict[str, str],
+    logs: Path,
+    tracker: Tracker,
+    described: str,
+) -> Iterator[Endpoint]:
+    """A one-process uvicorn app of bench/ with GET /ping and POST /predict, on a free port."""
     port = free_port()
     argv = [
-        sys.executable, "-m", "uvicorn", "bench.floor_app:app", "--host", "127.0.0.1",
-        "--port", str(port), "--no-access-log", "--log-level", "warning",
-        "--loop", "auto", "--http", "auto",
+        sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
+        "--no-access-log", "--log-level", "warning", *options,
     ]  # fmt: skip
-    log = logs / "http-floor.log"
+    log = logs / f"{name}.log"
     start = time.perf_counter()
-    proc = _spawn(argv, base_env(), log, tracker)
+    proc = _spawn(argv, env, log, tracker)
     try:
         wait_ready(f"http://127.0.0.1:{port}/ping", proc, log)
         yield Endpoint(
-            "http-floor", port, "/predict", [proc.pid], log,
-            settings={"uvicorn": "1 process, uvloop/httptools if installed, access log off"},
+            name, port, "/predict", [proc.pid], log, settings={"uvicorn": described},
             started_s=time.perf_counter() - start,
         )  # fmt: skip
     finally:

@@ -213,12 +213,11 @@ class ModelRunner:
         self.probabilities: nn.Module | torch.jit.ScriptModule = _Probabilities(
             self.network, self.temperature
         )
-        self.traced = False
         if torchscript and self.autocast_dtype is None:
             example, check = (self._example(size) for size in (2, 3))
             traced = trace_for_serving(self.probabilities, example, check)
             if traced is not None:
-                self.probabilities, self.traced = traced, True
+                self.probabilities = traced
         self.max_batch_size = max_batch_size
         # pinned host buffers for async H2D copies, one per inference thread (a batcher may
         # run several forwards at once; each thread reuses its own after its forward synced)
@@ -232,6 +231,11 @@ class ModelRunner:
         if self.channels_last:
             example = example.contiguous(memory_format=torch.channels_last)
         return example
+
+    @property
+    def traced(self) -> bool:
+        """Whether the forward runs as a TorchScript graph (``trace_for_serving`` succeeded)."""
+        return isinstance(self.probabilities, torch.jit.ScriptModule)
 
     @property
     def precision_name(self) -> str:
