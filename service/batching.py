@@ -86,7 +86,7 @@ class Prediction:
 
 
 def collect_batch(
-    source: queue.SimpleQueue[Any] | queue.Queue[Any],
+    source: queue.Queue[Any] | queue.SimpleQueue[Any],
     max_size: int,
     max_delay_s: float = 0.0,
     *,
@@ -169,7 +169,13 @@ class Batcher:
         self.name = name
         self.labels = list(labels) if labels is not None else None
         self.batches_run = 0
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # queue.Queue, not SimpleQueue: with two consumers (primary and helper), CPython 3.11's
+        # SimpleQueue.get(timeout=t) can block until the NEXT put when the other consumer takes
+        # the item it was woken for after t has passed (its recomputed timeout goes negative,
+        # which means "wait forever"): a forward topping up its batch (_fill) then held one
+        # request's image for seconds while the helper served everyone else (a 504 in
+        # tests/reliability/test_slow_clients.py; test_batching.py reproduces the race)
+        self._queue: queue.Queue[Any] = queue.Queue()
         self._lock = threading.Lock()
         self._backlog = threading.Condition(self._lock)  # idle helpers wait here for work
         self._pending = 0  # images admitted and not yet taken by a worker

@@ -182,7 +182,8 @@ def test_slow_clients_are_timed_out_and_starve_nobody(bounded_server: ServicePro
     assert problems == []
     for kind, times in ends.items():
         assert all(TIMEOUT_S - 0.1 <= t <= TIMEOUT_S + 2.0 for t in times), (kind, times)
-    assert all(o.status == 200 for o in loaded)
+    failed = [(o.status, round(o.latency, 3), o.detail, o.error) for o in loaded if o.status != 200]
+    assert failed == []
     assert loaded_p50 <= 2 * idle_p50 + 0.02
     assert max(o.latency for o in loaded) < 1.0
     assert max(s[0]["threads"] for s in samples) <= before["threads"] + 2  # no thread per client

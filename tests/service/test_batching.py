@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import signal
 import threading
@@ -71,7 +72,7 @@ def far() -> float:
 
 
 def test_collect_batch_takes_what_is_queued_up_to_max_size():
-    q: queue.SimpleQueue[int] = queue.SimpleQueue()
+    q: queue.Queue[int] = queue.Queue()
     for i in range(10):
         q.put(i)
     assert collect_batch(q, 4) == [0, 1, 2, 3]
@@ -79,7 +80,7 @@ def test_collect_batch_takes_what_is_queued_up_to_max_size():
 
 
 def test_collect_batch_never_waits_without_delay():
-    q: queue.SimpleQueue[int] = queue.SimpleQueue()
+    q: queue.Queue[int] = queue.Queue()
     q.put(1)
     start = time.perf_counter()
     assert collect_batch(q, 32, 0.0) == [1]
@@ -87,7 +88,7 @@ def test_collect_batch_never_waits_without_delay():
 
 
 def test_collect_batch_waits_up_to_the_delay_for_more():
-    q: queue.SimpleQueue[int] = queue.SimpleQueue()
+    q: queue.Queue[int] = queue.Queue()
     q.put(1)
     threading.Timer(0.05, q.put, args=(2,)).start()
     start = time.perf_counter()
@@ -102,6 +103,38 @@ def test_collect_batch_waits_up_to_the_delay_for_more():
 def test_collect_batch_returns_empty_after_block_timeout():
     q: queue.Queue[int] = queue.Queue()
     assert collect_batch(q, 8, 0.0, block_timeout=0.01) == []
+
+
+def test_a_timed_get_on_the_batch_queue_returns_when_another_worker_took_its_item():
+    """Two workers take from one queue; a forward topping up its batch polls it with a short
+    timeout. CPython 3.11's SimpleQueue broke that timeout: woken by a put whose item the other
+    worker took after the timeout had passed, it waited for the NEXT put (a 504 under load:
+    one image held for 4 s while the helper served everyone else). Here the main thread plays
+    the other worker: it puts, keeps the GIL past the poller's timeout, then takes the item."""
+    work_queue = Batcher(lambda x: x, max_batch_size=4, max_queue=8)._queue
+    stuck = 0
+    for _ in range(20):
+        returned = threading.Event()
+
+        def poll(returned: threading.Event) -> None:
+            with contextlib.suppress(queue.Empty):
+                work_queue.get(timeout=0.001)
+            returned.set()
+
+        poller = threading.Thread(target=poll, args=(returned,))
+        poller.start()
+        time.sleep(0.0005)  # the poller is waiting
+        work_queue.put(1)
+        spin_until = time.perf_counter() + 0.003
+        while time.perf_counter() < spin_until:  # hold the GIL past the poller's timeout
+            pass
+        with contextlib.suppress(queue.Empty):
+            work_queue.get_nowait()
+        if not returned.wait(2.0):
+            stuck += 1
+            work_queue.put(2)  # the next put frees it
+        poller.join()
+    assert stuck == 0
 
 
 def test_out_of_memory_detection():
