@@ -56,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", type=float, help="seconds per window (all models)")
     run.add_argument("--warmup", type=float, help="warm-up seconds before each point")
     run.add_argument("--limit-batches", type=_ints, help="LIMIT batch sizes, e.g. 8,16")
+    run.add_argument("--no-bracket-limit", action="store_true",
+                     help="measure the LIMIT once, not again right after the service")  # fmt: skip
     run.add_argument("--body", choices=("raw", "multipart"), help="request body (default raw)")
     run.add_argument("--images-per-request", type=int, help="images per request (multipart)")
     run.add_argument("--loadgen-procs", type=int, help="load-generator processes per point")
@@ -123,6 +125,8 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         }
     overrides["service_env"] = {**base.service_env, **_settings(args.set)}
     overrides["install_torchserve"] = not args.no_install_torchserve
+    if args.no_bracket_limit:
+        overrides["bracket_limit"] = False
     overrides["rebuild_archives"] = args.rebuild_archives
     return factory(**{**_fields(base), **overrides})
 
@@ -152,7 +156,8 @@ def estimate_s(cfg: BenchConfig) -> float:
         for target in cfg.targets_for(model):
             if target == "limit":
                 batches = len({*cfg.limit_batches, cfg.max_batch_size()}) + 1
-                total += 15 + batches * (point - 1.0)
+                runs = 2 if cfg.bracket_limit and "service" in cfg.targets_for(model) else 1
+                total += runs * (15 + batches * (point - 1.0))
                 continue
             points = len(cfg.concurrency)
             if target in cfg.open_loop_targets:
@@ -173,7 +178,9 @@ def dry_run(cfg: BenchConfig) -> None:
         for target in cfg.targets_for(model):
             if target == "limit":
                 batches = sorted({*cfg.limit_batches, cfg.max_batch_size()})
-                print(f"    limit: pipelined batches {batches} + single-image latency")
+                again = cfg.bracket_limit and "service" in cfg.targets_for(model)
+                print(f"    limit: pipelined batches {batches} + single-image latency"
+                      + ("; again right after the service" if again else ""))  # fmt: skip
                 continue
             loads = [f"C={c}" for c in cfg.concurrency]
             if target in cfg.open_loop_targets:

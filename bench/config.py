@@ -56,6 +56,10 @@ class BenchConfig:
         }
     )
     limit_batches: tuple[int, ...] = (8, 16)  # plus the service's MAX_BATCH_SIZE if different
+    # measure the LIMIT again right after the service: on a shared host the same code drifts by
+    # up to 20-40% within minutes, and the service-vs-LIMIT ratios (T1, T4, T6, T7) then use
+    # the mean of the LIMIT before and after the service instead of one measured minutes away
+    bracket_limit: bool = True
     body: str = "raw"  # raw image/jpeg bodies, or multipart/form-data ("file" parts)
     images_per_request: int = 1
     images_dir: Path | None = None

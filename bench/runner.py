@@ -199,6 +199,9 @@ class Runner:
                     result["limit"] = self.run_limit(key, archive)
                 else:
                     result["targets"][target] = self.run_target(key, target, archive, card)
+                    if target == "service" and self._brackets(result):  # (stopped by now)
+                        self.log(f"{key}: limit again, right after the service")
+                        result["limit_after"] = self.run_limit(key, archive)
             except targets.TargetUnavailable as exc:
                 result["targets"][target] = {"skipped": str(exc)}
                 self.log(str(exc))
@@ -209,6 +212,11 @@ class Runner:
             finally:
                 self.tracker.kill_all()
         return result
+
+    def _brackets(self, result: dict[str, Any]) -> bool:
+        """Whether to measure the LIMIT again after the service (it was measured before)."""
+        limit = result.get("limit") or {}
+        return self.cfg.bracket_limit and "img_s" in limit
 
     def run_limit(self, key: str, archive: Path) -> dict[str, Any]:
         cfg = self.cfg

@@ -193,6 +193,32 @@ def test_ratios_pass_and_fail_from_one_run() -> None:
     assert "not measured" in text
 
 
+def test_a_limit_measured_before_and_after_the_service_is_averaged() -> None:
+    # the host slowed down while the service ran: before 60 img/s, after 40
+    models = {
+        "r18": {
+            "limit": {"img_s": 60.0, "single": {"p50_s": 0.040}},
+            "limit_after": {"img_s": 40.0, "single": {"p50_s": 0.060}},
+            "targets": {"service": {"points": [
+                _point(45.0, 0.5, 0.6),
+                {"mode": "closed", "concurrency": 1, "median": {"img_s": 18, "p50_s": 0.055, "p99_s": 0.07}},
+            ]}},
+        },
+    }  # fmt: skip
+    found = {(e["id"], e["model"]): e for e in report.ratios(models)}
+    assert found[("T1", "r18")]["value"] == pytest.approx(45 / 50)  # not 45/60 nor 45/40
+    assert "before/after the service 60.0/40.0" in found[("T1", "r18")]["detail"]
+    assert found[("T6", "r18")]["value"] == pytest.approx(0.055 / 0.050)
+    text = "\n".join(report.model_table("r18", {**models["r18"], "targets": {}, "limit": {
+        **models["r18"]["limit"], "settings": {}}}, gpu=False))  # fmt: skip
+    assert "LIMIT again right after the service: best 40.0 img/s (-33% vs before)" in text
+    # without a second run, the one LIMIT is used as it is
+    del models["r18"]["limit_after"]
+    found = {(e["id"], e["model"]): e for e in report.ratios(models)}
+    assert found[("T1", "r18")]["value"] == pytest.approx(45 / 60)
+    assert "before/after" not in found[("T1", "r18")]["detail"]
+
+
 def test_the_ceiling_adds_the_http_floor_to_the_limits_cpu_per_image() -> None:
     windows = [{"images": 600, "cpu_s": 1.8}, {"images": 600, "cpu_s": 1.8}]  # 3 ms per image
     models = {
@@ -323,6 +349,7 @@ def test_short_run_against_the_real_service(bench_cache: Path, tmp_path: Path) -
     r20 = result["models"]["r20"]
     assert r20["limit"]["img_s"] > 0
     assert r20["limit"]["single"]["p50_s"] > 0
+    assert r20["limit_after"]["img_s"] > 0  # measured again right after the service
     service = r20["targets"]["service"]
     loads = [(p["mode"], p["concurrency"]) for p in service["points"]]
     assert loads == [("closed", 1), ("closed", 32), ("open", None)]
