@@ -258,13 +258,44 @@ def ratios(models: dict[str, Any], c: int = 32) -> list[dict[str, Any]]:
         if tail is None:  # results written before the per-window ratio existed
             tail = _ratio(point and point["p99_s"], point and point["p50_s"])
         windows = ", ".join(f"{t:.2f}" for t in (point or {}).get("p99_over_p50_windows", []))
-        out.append(_entry(
+        entry = _entry(
             "T8", model, "open loop at 90% of capacity: service p99 / p50 (median of windows)",
             tail, "<=", 3.0,
             f"windows {windows or '-'}; medians p99 {_fmt(point and point['p99_s'], 1000, 1)}"
             f" / p50 {_fmt(point and point['p50_s'], 1000, 1)} ms",
-        ))  # fmt: skip
+        )  # fmt: skip
+        past = overloaded(models, model, 0.9)
+        if past is not None:  # a queue that only grows has p99 ~ p50: no pass for that
+            entry.update({"pass": None, "verdict": "not valid: overloaded"})
+            entry["detail"] += f"; overloaded ({past}): the rate was past this run's capacity"
+        out.append(entry)
     return out
+
+
+OVERLOAD_SERVED = 0.97  # an open-loop point that served less than this share of its rate...
+OVERLOAD_P50 = 10.0  # ...or whose p50 was this many times the C=1 p50 was past capacity
+
+
+def overloaded(models: dict[str, Any], model: str, fraction: float) -> str | None:
+    """Why the service's open-loop point at ``fraction`` was past capacity, or None.
+
+    The rate is a fraction of the best closed-loop throughput measured minutes earlier; when
+    the host slowed meanwhile (or the open loop's extra connections cost more), the queue
+    grows for the whole point and every request waits about as long as the others, so
+    p99 / p50 comes out near 1 and says nothing about the tail.
+    """
+    data = models.get(model, {}).get("targets", {}).get("service", {})
+    point = next((p for p in data.get("points", []) if p["mode"] == "open"
+                  and abs(p.get("fraction", 0) - fraction) < 1e-9), None)  # fmt: skip
+    if point is None:
+        return None
+    m, rate = point["median"], point.get("rate")
+    if rate and m.get("req_s") is not None and m["req_s"] < OVERLOAD_SERVED * rate:
+        return f"served {m['req_s']:.1f} of {rate:.1f} req/s"
+    one = closed_point(models, model, "service", 1)
+    if one and one.get("p50_s") and m.get("p50_s") and m["p50_s"] > OVERLOAD_P50 * one["p50_s"]:
+        return f"p50 {m['p50_s'] * 1000:.0f} ms, {m['p50_s'] / one['p50_s']:.0f}x the C=1 p50"
+    return None
 
 
 def floor_point(models: dict[str, Any], c: int) -> dict[str, Any] | None:
@@ -454,7 +485,10 @@ def ratio_table(entries: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---:|---|---|",
     ]
     for e in entries:
-        verdict = {True: "**pass**", False: "**FAIL**", None: "not measured"}[e["pass"]]
+        verdict = (
+            e.get("verdict")
+            or {True: "**pass**", False: "**FAIL**", None: "not measured"}[e["pass"]]
+        )
         value = "-" if e["value"] is None else f"{e['value']:.2f}"
         lines.append(
             f"| {e['id']} | {e['model']} | {e['what']} | {e['detail']} | {value} | "

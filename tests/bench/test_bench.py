@@ -219,6 +219,33 @@ def test_a_limit_measured_before_and_after_the_service_is_averaged() -> None:
     assert "before/after" not in found[("T1", "r18")]["detail"]
 
 
+def _open(rate: float, req_s: float, p50: float, p99: float) -> dict:
+    return {"mode": "open", "fraction": 0.9, "rate": rate,
+            "median": {"req_s": req_s, "p50_s": p50, "p99_s": p99}}  # fmt: skip
+
+
+def _c1(p50: float) -> dict:
+    return {"mode": "closed", "concurrency": 1, "median": {"img_s": 1 / p50, "p50_s": p50}}
+
+
+def test_an_overloaded_open_loop_point_is_no_t8_pass() -> None:
+    # past capacity every request waits in the same growing queue: p99 ~ p50, a "pass" of 1.2
+    cases = {
+        "r20": [_c1(0.007), _open(341.0, 260.0, 0.945, 1.144)],  # served 76% of the rate
+        "r50": [_c1(0.134), _open(14.9, 15.0, 4.97, 6.22)],  # kept the rate, p50 37x C=1
+        "r18": [_c1(0.079), _open(34.6, 34.5, 0.131, 0.36)],  # a real 90% point
+    }
+    models = {m: {"targets": {"service": {"points": points}}} for m, points in cases.items()}
+    found = {(e["id"], e["model"]): e for e in report.ratios(models)}
+    assert found[("T8", "r20")]["pass"] is None
+    assert "served 260.0 of 341.0 req/s" in found[("T8", "r20")]["detail"]
+    assert found[("T8", "r50")]["pass"] is None
+    assert "37x the C=1 p50" in found[("T8", "r50")]["detail"]
+    assert found[("T8", "r18")]["pass"] is True
+    text = "\n".join(report.ratio_table(report.ratios(models)))
+    assert text.count("not valid: overloaded") == 2
+
+
 def test_the_ceiling_adds_the_http_floor_to_the_limits_cpu_per_image() -> None:
     windows = [{"images": 600, "cpu_s": 1.8}, {"images": 600, "cpu_s": 1.8}]  # 3 ms per image
     models = {
