@@ -86,7 +86,7 @@ class Prediction:
 
 
 def collect_batch(
-    source: queue.Queue[Any] | queue.SimpleQueue[Any],
+    source: queue.Queue[Any],
     max_size: int,
     max_delay_s: float = 0.0,
     *,
