@@ -173,12 +173,20 @@ def _limit_note(runs: list[float | None], scale: float = 1.0, digits: int = 1) -
     return f" (LIMIT before/after the service {_fmt(runs[0], scale, digits)}/{_fmt(runs[1], scale, digits)})"
 
 
-def open_point(models: dict[str, Any], model: str, target: str, fraction: float) -> dict | None:
+def open_point_whole(
+    models: dict[str, Any], model: str, target: str, fraction: float
+) -> dict | None:
+    """The open-loop point at ``fraction`` with its rate and windows (``open_point``: medians)."""
     data = models.get(model, {}).get("targets", {}).get(target, {})
     for point in data.get("points", []):
         if point["mode"] == "open" and abs(point.get("fraction", 0) - fraction) < 1e-9:
-            return point["median"]
+            return point
     return None
+
+
+def open_point(models: dict[str, Any], model: str, target: str, fraction: float) -> dict | None:
+    point = open_point_whole(models, model, target, fraction)
+    return point["median"] if point else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -284,9 +292,7 @@ def overloaded(models: dict[str, Any], model: str, fraction: float) -> str | Non
     grows for the whole point and every request waits about as long as the others, so
     p99 / p50 comes out near 1 and says nothing about the tail.
     """
-    data = models.get(model, {}).get("targets", {}).get("service", {})
-    point = next((p for p in data.get("points", []) if p["mode"] == "open"
-                  and abs(p.get("fraction", 0) - fraction) < 1e-9), None)  # fmt: skip
+    point = open_point_whole(models, model, "service", fraction)
     if point is None:
         return None
     m, rate = point["median"], point.get("rate")

@@ -90,6 +90,7 @@ def merge_loadgen(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 MAX_WARMUP_S = 20.0
+LIMIT_STEPS = ("limit", "limit_after")  # the LIMIT, and the same again right after the service
 
 
 def torchserve_config(target: str) -> tuple[int, int | None]:
@@ -192,31 +193,32 @@ class Runner:
             "timing": vars(self.cfg.timing_for(key)),
             "targets": {},
         }
-        for target in self.cfg.targets_for(key):
+        for target in self._steps(key):
+            if target == "limit_after" and "img_s" not in (result.get("limit") or {}):
+                continue  # nothing to bracket: the LIMIT before the service was not measured
             self.log(f"{key}: {target}")
             try:
-                if target == "limit":
-                    result["limit"] = self.run_limit(key, archive)
+                if target in LIMIT_STEPS:
+                    result[target] = self.run_limit(key, archive)
                 else:
                     result["targets"][target] = self.run_target(key, target, archive, card)
-                    if target == "service" and self._brackets(result):  # (stopped by now)
-                        self.log(f"{key}: limit again, right after the service")
-                        result["limit_after"] = self.run_limit(key, archive)
             except targets.TargetUnavailable as exc:
                 result["targets"][target] = {"skipped": str(exc)}
                 self.log(str(exc))
             except Exception as exc:  # noqa: BLE001 - record, clean up, go on with the next
                 self.log(f"{key}: {target} failed: {exc}")
-                bucket = result if target == "limit" else result["targets"]
+                bucket = result if target in LIMIT_STEPS else result["targets"]
                 bucket[target] = {"error": f"{type(exc).__name__}: {exc}"[:4000]}
             finally:
                 self.tracker.kill_all()
         return result
 
-    def _brackets(self, result: dict[str, Any]) -> bool:
-        """Whether to measure the LIMIT again after the service (it was measured before)."""
-        limit = result.get("limit") or {}
-        return self.cfg.bracket_limit and "img_s" in limit
+    def _steps(self, key: str) -> list[str]:
+        """The model's targets in order, with the LIMIT again right after the service."""
+        steps = list(self.cfg.targets_for(key))
+        if self.cfg.bracket_limit and "limit" in steps and "service" in steps:
+            steps.insert(steps.index("service") + 1, "limit_after")
+        return steps
 
     def run_limit(self, key: str, archive: Path) -> dict[str, Any]:
         cfg = self.cfg
