@@ -391,7 +391,12 @@ def test_short_run_against_the_real_service(bench_cache: Path, tmp_path: Path) -
     naive = r20["targets"]["naive"]["points"]
     assert all(p["median"]["req_s"] > 0 and p["median"]["error_count"] == 0 for p in naive)
     ids = {(e["id"], e["model"]) for e in result["ratios"] if e["pass"] is not None}
-    assert {("T4", "r20"), ("T5", "r20"), ("T6", "r20"), ("T8", "r20")} <= ids
+    assert {("T4", "r20"), ("T5", "r20"), ("T6", "r20")} <= ids
+    # A 2 s open-loop point on a busy 2-core runner may land past capacity: then T8 must say
+    # so instead of judging a tail that only says the queue grew.
+    [t8] = [e for e in result["ratios"] if (e["id"], e["model"]) == ("T8", "r20")]
+    assert t8["pass"] is not None or t8["verdict"] == "not valid: overloaded", t8
+    assert t8["value"] is not None and t8["value"] >= 1.0
     floor = r20["targets"]["http-floor"]["points"]
     assert all(p["median"]["req_s"] > 0 and p["median"]["error_count"] == 0 for p in floor)
     [ceiling] = result["ceilings"]
