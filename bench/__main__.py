@@ -56,8 +56,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", type=float, help="seconds per window (all models)")
     run.add_argument("--warmup", type=float, help="warm-up seconds before each point")
     run.add_argument("--limit-batches", type=_ints, help="LIMIT batch sizes, e.g. 8,16")
-    run.add_argument("--no-bracket-limit", action="store_true",
-                     help="measure the LIMIT once, not again right after the service")  # fmt: skip
+    run.add_argument("--paired-rounds", type=int,
+                     help="rounds of LIMIT + service back to back for T1/T4/T6/T7 (0: none)")  # fmt: skip
     run.add_argument("--body", choices=("raw", "multipart"), help="request body (default raw)")
     run.add_argument("--images-per-request", type=int, help="images per request (multipart)")
     run.add_argument("--loadgen-procs", type=int, help="load-generator processes per point")
@@ -125,8 +125,8 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         }
     overrides["service_env"] = {**base.service_env, **_settings(args.set)}
     overrides["install_torchserve"] = not args.no_install_torchserve
-    if args.no_bracket_limit:
-        overrides["bracket_limit"] = False
+    if args.paired_rounds is not None:
+        overrides["paired_rounds"] = args.paired_rounds
     overrides["rebuild_archives"] = args.rebuild_archives
     return factory(**{**_fields(base), **overrides})
 
@@ -156,8 +156,12 @@ def estimate_s(cfg: BenchConfig) -> float:
         for target in cfg.targets_for(model):
             if target == "limit":
                 batches = len({*cfg.limit_batches, cfg.max_batch_size()}) + 1
-                runs = 2 if cfg.bracket_limit and "service" in cfg.targets_for(model) else 1
-                total += runs * (15 + batches * (point - 1.0))
+                total += 15 + batches * (point - 1.0)
+                if cfg.paired_rounds and "service" in cfg.targets_for(model):
+                    window = timing.warmup_s + timing.duration_s
+                    # per round: a LIMIT process (one configuration + single), a service
+                    # start-up and its C=1 and C=32 windows
+                    total += cfg.paired_rounds * (15 + 2 * window + startup["service"] + 2 * window)
                 continue
             points = len(cfg.concurrency)
             if target in cfg.open_loop_targets:
@@ -178,9 +182,11 @@ def dry_run(cfg: BenchConfig) -> None:
         for target in cfg.targets_for(model):
             if target == "limit":
                 batches = sorted({*cfg.limit_batches, cfg.max_batch_size()})
-                again = cfg.bracket_limit and "service" in cfg.targets_for(model)
-                print(f"    limit: pipelined batches {batches} + single-image latency"
-                      + ("; again right after the service" if again else ""))  # fmt: skip
+                print(f"    limit: pipelined batches {batches} + single-image latency")
+                if cfg.paired_rounds and "service" in cfg.targets_for(model):
+                    print(f"    paired (after the service): {cfg.paired_rounds} rounds of the "
+                          "LIMIT's best configuration + single, and a fresh service at C=1 "
+                          "and C=32, back to back")  # fmt: skip
                 continue
             loads = [f"C={c}" for c in cfg.concurrency]
             if target in cfg.open_loop_targets:

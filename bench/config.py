@@ -56,10 +56,11 @@ class BenchConfig:
         }
     )
     limit_batches: tuple[int, ...] = (8, 16)  # plus the service's MAX_BATCH_SIZE if different
-    # measure the LIMIT again right after the service: on a shared host the same code drifts by
-    # up to 20-40% within minutes, and the service-vs-LIMIT ratios (T1, T4, T6, T7) then use
-    # the mean of the LIMIT before and after the service instead of one measured minutes away
-    bracket_limit: bool = True
+    # rounds that measure the LIMIT (at its best configuration) and the service (C=1, C=32)
+    # back to back, alternating which goes first: on a shared host the same code drifts by
+    # 20-40% within minutes, so the service-vs-LIMIT ratios (T1, T4, T6, T7) are the median of
+    # the per-round ratios instead of two figures measured minutes apart (0: no paired rounds)
+    paired_rounds: int = 3
     body: str = "raw"  # raw image/jpeg bodies, or multipart/form-data ("file" parts)
     images_per_request: int = 1
     images_dir: Path | None = None
@@ -84,6 +85,8 @@ class BenchConfig:
             raise ValueError(f"unknown target(s) {bad}; choose from {list(TARGETS)}")
         if self.repeats < 1 or any(c < 1 for c in self.concurrency):
             raise ValueError("repeats and concurrency levels must be >= 1")
+        if self.paired_rounds < 0:
+            raise ValueError("paired_rounds must be >= 0")
         if self.body not in ("raw", "multipart"):
             raise ValueError("body must be 'raw' or 'multipart'")
         if self.images_per_request > 1 and self.body != "multipart":
@@ -140,6 +143,7 @@ def quick(**overrides: Any) -> BenchConfig:
             "r50": Timing(warmup_s=2.0, duration_s=3.0),
         },
         "limit_batches": (16,),
+        "paired_rounds": 1,
         "label": "quick",
     }
     base.update(overrides)

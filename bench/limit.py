@@ -12,6 +12,7 @@ current one, so this is the best the service's pipeline can do on this machine.
 
 Measurements (each a warm-up, then ``repeats`` windows of ``duration_s``):
 - ``pipelined`` at each batch size asked for: images/s, the forward time per batch;
+  (``forward_threads`` in the spec restricts which forward-thread counts are measured);
 - ``single``: one image at a time on one thread (decode, preprocess, forward of a batch of 1),
   the in-process single-image latency that the service's C=1 latency is compared with.
 """
@@ -197,7 +198,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             try:
                 # one forward thread, and as many as the service's batcher has (the limit is
                 # the better of the two: the service's helpers only run when they pay off)
-                for threads in sorted({1, workers}):
+                for threads in spec.get("forward_threads") or sorted({1, workers}):
                     for batch in spec.get("batch_sizes", [settings.max_batch_size]):
                         timing: dict[str, list[float]] = {}
                         step = pipelined(entry, images, int(batch), pool, timing)

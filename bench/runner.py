@@ -90,7 +90,8 @@ def merge_loadgen(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 MAX_WARMUP_S = 20.0
-LIMIT_STEPS = ("limit", "limit_after")  # the LIMIT, and the same again right after the service
+MODEL_STEPS = ("limit", "paired")  # steps whose results sit beside "targets", not in it
+PAIRED_C = 32  # the closed-loop concurrency of T1, T4 and T7
 
 
 def torchserve_config(target: str) -> tuple[int, int | None]:
@@ -194,12 +195,14 @@ class Runner:
             "targets": {},
         }
         for target in self._steps(key):
-            if target == "limit_after" and "img_s" not in (result.get("limit") or {}):
-                continue  # nothing to bracket: the LIMIT before the service was not measured
+            if target == "paired" and "best_batch" not in (result.get("limit") or {}):
+                continue  # no LIMIT configuration to pair the service with
             self.log(f"{key}: {target}")
             try:
-                if target in LIMIT_STEPS:
+                if target == "limit":
                     result[target] = self.run_limit(key, archive)
+                elif target == "paired":
+                    result[target] = self.run_paired(key, archive, result["limit"]["best_batch"])
                 else:
                     result["targets"][target] = self.run_target(key, target, archive, card)
             except targets.TargetUnavailable as exc:
@@ -207,38 +210,44 @@ class Runner:
                 self.log(str(exc))
             except Exception as exc:  # noqa: BLE001 - record, clean up, go on with the next
                 self.log(f"{key}: {target} failed: {exc}")
-                bucket = result if target in LIMIT_STEPS else result["targets"]
+                bucket = result if target in MODEL_STEPS else result["targets"]
                 bucket[target] = {"error": f"{type(exc).__name__}: {exc}"[:4000]}
             finally:
                 self.tracker.kill_all()
         return result
 
     def _steps(self, key: str) -> list[str]:
-        """The model's targets in order, with the LIMIT again right after the service."""
+        """The model's targets in order, with the paired rounds right after the service."""
         steps = list(self.cfg.targets_for(key))
-        if self.cfg.bracket_limit and "limit" in steps and "service" in steps:
-            steps.insert(steps.index("service") + 1, "limit_after")
+        if self.cfg.paired_rounds and "limit" in steps and "service" in steps:
+            steps.insert(steps.index("service") + 1, "paired")
         return steps
 
-    def run_limit(self, key: str, archive: Path) -> dict[str, Any]:
+    def _limit_child(self, key: str, archive: Path, **spec: Any) -> dict[str, Any]:
+        """Run ``bench.limit`` on ``archive`` in its own process; its JSON output."""
         cfg = self.cfg
         timing = cfg.timing_for(key)
-        batches = sorted({*cfg.limit_batches, cfg.max_batch_size()})
         spec = {
             "archive": str(archive),
             "images": [str(p) for p in self.image_set.files],
             "warmup_s": timing.warmup_s,
             "duration_s": timing.duration_s,
             "repeats": cfg.repeats,
-            "batch_sizes": batches,
             "single": True,
+            **spec,
         }
         path = self._write_spec(f"limit-{key}", spec)
         env = targets.base_env(cfg.service_settings())
-        budget = 120 + (len(batches) + 1) * (timing.warmup_s + cfg.repeats * timing.duration_s) * 3
+        configs = len(spec["batch_sizes"]) * 2 + 1  # 1 and N forward threads, and single
+        budget = 120 + configs * (timing.warmup_s + spec["repeats"] * timing.duration_s) * 3
+        return json.loads(
+            self._child([sys.executable, "-m", "bench.limit", str(path)], env, budget)
+        )
+
+    def run_limit(self, key: str, archive: Path) -> dict[str, Any]:
+        batches = sorted({*self.cfg.limit_batches, self.cfg.max_batch_size()})
         with self._gpu_sampled() as gpu:
-            out = self._child([sys.executable, "-m", "bench.limit", str(path)], env, budget)
-        raw = json.loads(out)
+            raw = self._limit_child(key, archive, batch_sizes=batches)
         summary: dict[str, Any] = {
             "settings": {k: raw[k] for k in raw if k not in ("pipelined", "single")}
         }
@@ -266,6 +275,57 @@ class Runner:
             summary["best_batch"], summary["img_s"] = best
         summary["gpu"] = gpu.summary() if gpu else None
         return summary
+
+    def run_paired(self, key: str, archive: Path, config: str) -> dict[str, Any]:
+        """The LIMIT at ``config`` and the service at C=1 and C=32, back to back, in rounds.
+
+        Each round measures one window of each (the LIMIT's pipelined ``config`` and its
+        single-image latency; a fresh service process's C=1 and C=32 points), the LIMIT first
+        in even rounds and the service first in odd ones, so a host that drifts during the
+        round shifts both sides alike. ``config`` is the LIMIT's best configuration from its
+        full sweep: fixed here, so the paired LIMIT is not a maximum over noisy configurations.
+        """
+        cfg = self.cfg
+        batch, _, threads = str(config).partition("x")
+        timing = cfg.timing_for(key)
+        rounds = []
+        for index in range(cfg.paired_rounds):
+            sides = ("limit", "service") if index % 2 == 0 else ("service", "limit")
+            entry: dict[str, Any] = {"order": list(sides)}
+            for side in sides:
+                if side == "limit":
+                    raw = self._limit_child(
+                        key, archive, batch_sizes=[int(batch)],
+                        forward_threads=[int(threads or 1)], repeats=1,
+                    )  # fmt: skip
+                    window = raw["pipelined"][str(config)]["windows"][0]
+                    single = raw["single"]["windows"][0]
+                    entry["limit"] = {"img_s": window["img_s"], "cpu_s": window["cpu_s"],
+                                      "single_p50_s": single["p50_s"]}  # fmt: skip
+                    continue
+                settings = cfg.service_settings()
+                with targets.service("service-paired", archive, self.logs / archive.stem,
+                                     self.tracker, settings) as endpoint:  # fmt: skip
+                    for pid in endpoint.pids:
+                        self.tracker.add_tree(pid)
+                    one = self.measure(endpoint, timing, mode="closed", concurrency=1, repeats=1)
+                    loaded = self.measure(
+                        endpoint, warmed(timing, PAIRED_C, one["median"]["req_s"]),
+                        mode="closed", concurrency=PAIRED_C, repeats=1,
+                    )  # fmt: skip
+                entry["service"] = {"c1": one["median"], f"c{PAIRED_C}": loaded["median"]}
+            service, limit = entry["service"], entry["limit"]
+            entry["throughput_ratio"] = _ratio(service[f"c{PAIRED_C}"]["img_s"], limit["img_s"])
+            entry["latency_ratio"] = _ratio(service["c1"]["p50_s"], limit["single_p50_s"])
+            rounds.append(entry)
+            self.log(
+                f"{key}: paired round {index + 1}: service C={PAIRED_C} "
+                f"{service[f'c{PAIRED_C}']['img_s']:.1f} / LIMIT {config} {limit['img_s']:.1f} "
+                f"img/s = {_fmt_ratio(entry['throughput_ratio'])}; C=1 p50 "
+                f"{_ms(service['c1']['p50_s'])} / single {_ms(limit['single_p50_s'])} ms = "
+                f"{_fmt_ratio(entry['latency_ratio'])}"
+            )
+        return {"config": str(config), "concurrency": PAIRED_C, "rounds": rounds}
 
     def run_target(self, key: str, target: str, archive: Path, card: Any) -> dict[str, Any]:
         with self._start(target, archive, card) as endpoint:
@@ -333,8 +393,11 @@ class Runner:
         else:
             raise ValueError(f"unknown target {target}")
 
-    def measure(self, endpoint: targets.Endpoint, timing: Any, **load: Any) -> dict[str, Any]:
+    def measure(
+        self, endpoint: targets.Endpoint, timing: Any, *, repeats: int | None = None, **load: Any
+    ) -> dict[str, Any]:
         cfg = self.cfg
+        repeats = repeats or cfg.repeats
         procs = max(1, cfg.loadgen_procs)
         base = {
             "host": "127.0.0.1",
@@ -345,7 +408,7 @@ class Runner:
             "images_per_request": cfg.images_per_request,
             "warmup_s": timing.warmup_s,
             "duration_s": timing.duration_s,
-            "repeats": cfg.repeats,
+            "repeats": repeats,
             "timeout_s": 60.0,
             "pids": endpoint.pids,
             "batch_probe": endpoint.batch_probe,
@@ -363,7 +426,7 @@ class Runner:
             if index > 0:  # one process reads the server's counters
                 spec["batch_probe"] = None
             specs.append(spec)
-        budget = 90 + timing.warmup_s + cfg.repeats * timing.duration_s * 2
+        budget = 90 + timing.warmup_s + repeats * timing.duration_s * 2
         with self._gpu_sampled() as gpu:
             outputs = self._loadgen(specs, budget)
         result = merge_loadgen(outputs)
@@ -452,3 +515,15 @@ class Runner:
             f"batch {batch}, errors {m['error_count']:.0f}, server CPU {m['server_cpu_s'] or 0:.2f} s, "
             f"loadgen CPU {m['loadgen_cpu_s']:.2f} s"
         )
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"

@@ -20,7 +20,7 @@ import psutil
 import pytest
 from python_multipart.multipart import MultipartParser
 
-from bench import archives, images, report
+from bench import archives, config, images, report
 from bench.config import Timing
 from bench.experiment import parse_raw, stage_of, summarize_profile
 from bench.loadgen import (
@@ -31,7 +31,7 @@ from bench.loadgen import (
     percentile,
     summarize,
 )
-from bench.runner import median_of, warmed
+from bench.runner import Runner, median_of, warmed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -193,8 +193,76 @@ def test_ratios_pass_and_fail_from_one_run() -> None:
     assert "not measured" in text
 
 
+def _round(
+    order: tuple[str, str], service: tuple[float, float], limit: tuple[float, float]
+) -> dict:
+    """A paired round: service (C=32 img/s, C=1 p50) and LIMIT (img/s, single p50)."""
+    return {
+        "order": list(order),
+        "service": {"c1": {"p50_s": service[1]}, "c32": {"img_s": service[0]}},
+        "limit": {"img_s": limit[0], "single_p50_s": limit[1]},
+        "throughput_ratio": service[0] / limit[0],
+        "latency_ratio": service[1] / limit[1],
+    }
+
+
+def test_paired_rounds_give_the_service_vs_limit_ratios() -> None:
+    # the host drifted between rounds (LIMIT 60 -> 40 img/s); each round's ratio holds steady,
+    # while the full table's LIMIT (measured minutes before the service) says 0.67
+    rounds = [
+        _round(("limit", "service"), (54.0, 0.055), (60.0, 0.050)),  # 0.90, 1.10
+        _round(("service", "limit"), (36.0, 0.080), (40.0, 0.064)),  # 0.90, 1.25
+        _round(("limit", "service"), (38.0, 0.060), (44.0, 0.050)),  # 0.86, 1.20
+    ]
+    models = {
+        "r18": {
+            "limit": {"img_s": 60.0, "best_batch": "16x2", "single": {"p50_s": 0.040}},
+            "paired": {"config": "16x2", "concurrency": 32, "rounds": rounds},
+            "targets": {"service": {"points": [
+                _point(40.0, 0.5, 0.6),
+                {"mode": "closed", "concurrency": 1, "median": {"img_s": 18, "p50_s": 0.070, "p99_s": 0.09}},
+            ]}},
+        },
+    }  # fmt: skip
+    found = {(e["id"], e["model"]): e for e in report.ratios(models)}
+    t1 = found[("T1", "r18")]
+    assert t1["value"] == pytest.approx(0.90)  # median of 0.90, 0.90, 0.864
+    assert t1["pass"] is True
+    assert "54.0/60.0, 36.0/40.0, 38.0/44.0" in t1["detail"]
+    assert "full table 40.0 / 60.0 img/s = 0.67" in t1["detail"]
+    t6 = found[("T6", "r18")]
+    assert t6["value"] == pytest.approx(1.20)  # median of 1.10, 1.25, 1.20
+    assert t6["pass"] is False
+    text = "\n".join(report.model_table("r18", {**models["r18"], "targets": {}, "limit": {
+        **models["r18"]["limit"], "settings": {}}}, gpu=False))  # fmt: skip
+    assert "| 2 | service then limit | 36.0 | 40.0 | 0.90 | 80.00 | 64.00 | 1.25 |" in text
+    # a round that lost one side (a failed start) does not count; none left: the full table
+    models["r18"]["paired"]["rounds"] = [
+        {"order": ["limit", "service"], "limit": rounds[0]["limit"]}
+    ]
+    found = {(e["id"], e["model"]): e for e in report.ratios(models)}
+    assert found[("T1", "r18")]["value"] == pytest.approx(40 / 60)
+
+
+def _steps(cfg: config.BenchConfig) -> list[str]:
+    runner = Runner(cfg)
+    runner.spec_dir.rmdir()  # made by the constructor, unused here
+    return runner._steps(cfg.models[0])
+
+
+def test_paired_rounds_follow_the_service_and_can_be_turned_off() -> None:
+    cfg = config.BenchConfig(models=("r18",), targets=("limit", "service", "naive"))
+    assert _steps(cfg) == ["limit", "service", "paired", "naive"]
+    off = config.BenchConfig(models=("r18",), targets=("limit", "service"), paired_rounds=0)
+    assert _steps(off) == ["limit", "service"]
+    assert _steps(config.BenchConfig(models=("r18",), targets=("service",))) == ["service"]
+    with pytest.raises(ValueError, match="paired_rounds"):
+        config.BenchConfig(paired_rounds=-1)
+
+
 def test_a_limit_measured_before_and_after_the_service_is_averaged() -> None:
-    # the host slowed down while the service ran: before 60 img/s, after 40
+    # results of runs before the paired rounds (sessions up to 2026-11-28 11:35) measured the
+    # LIMIT again right after the service; the host slowed down: before 60 img/s, after 40
     models = {
         "r18": {
             "limit": {"img_s": 60.0, "single": {"p50_s": 0.040}},
@@ -367,7 +435,7 @@ def _run_bench(cache: Path, tmp_path: Path, *extra: str) -> subprocess.Popen[str
 def test_short_run_against_the_real_service(bench_cache: Path, tmp_path: Path) -> None:
     proc = _run_bench(
         bench_cache, tmp_path, "--targets", "limit,service,naive,http-floor", "--concurrency", "1,32",
-        "--open-loop", "0.9", "--duration", "2", "--limit-batches", "4",
+        "--open-loop", "0.9", "--duration", "2", "--limit-batches", "4", "--paired-rounds", "1",
     )  # fmt: skip
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
@@ -376,7 +444,13 @@ def test_short_run_against_the_real_service(bench_cache: Path, tmp_path: Path) -
     r20 = result["models"]["r20"]
     assert r20["limit"]["img_s"] > 0
     assert r20["limit"]["single"]["p50_s"] > 0
-    assert r20["limit_after"]["img_s"] > 0  # measured again right after the service
+    [paired] = r20["paired"]["rounds"]  # the LIMIT and a fresh service back to back
+    assert paired["order"] == ["limit", "service"]
+    assert paired["limit"]["img_s"] > 0 and paired["limit"]["single_p50_s"] > 0
+    assert paired["service"]["c32"]["img_s"] > 0 and paired["service"]["c1"]["p50_s"] > 0
+    assert paired["throughput_ratio"] == pytest.approx(
+        paired["service"]["c32"]["img_s"] / paired["limit"]["img_s"]
+    )
     service = r20["targets"]["service"]
     loads = [(p["mode"], p["concurrency"]) for p in service["points"]]
     assert loads == [("closed", 1), ("closed", 32), ("open", None)]
@@ -405,6 +479,7 @@ def test_short_run_against_the_real_service(bench_cache: Path, tmp_path: Path) -
     assert "Ceiling for any FastAPI service" in text
     assert "| service | C=32 |" in text
     assert "| T4 | r20 |" in text
+    assert "Paired rounds (T1/T4/T6/T7)" in text
     assert not _ours(bench_cache), "the run left processes behind"
 
 
