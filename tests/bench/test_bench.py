@@ -152,6 +152,23 @@ def test_warm_up_covers_a_round_of_the_closed_loop() -> None:
     assert warmed(base, 64, 1.0).warmup_s == 20.0  # bounded
 
 
+def test_the_limit_rate_is_measured_between_batch_completions() -> None:
+    from bench.limit import _completion_rate
+
+    # two forward threads, each finishing a batch of 16 every 0.6 s (53.3 img/s), offset by
+    # 0.3 s; a 5 s window from t=10.0 sees completions at 10.1, 10.4, ..., 14.9 (17 batches)
+    times = [10.1 + 0.3 * i for i in range(17)]
+    window = _completion_rate([(t, 16) for t in times], 10.0, 15.0)
+    assert window["images"] == 17 * 16  # all completed in the window (for CPU per image)
+    assert window["img_s"] == pytest.approx(16 / 0.3)  # not 272 / 5 = 54.4
+    assert window["span_s"] == pytest.approx(4.8)
+    shifted = _completion_rate([(t + 0.25, 16) for t in times[:-1]], 10.0, 15.0)
+    assert shifted["img_s"] == pytest.approx(16 / 0.3)  # not 256 / 5 = 51.2
+    # one completion or none: the plain count over the window
+    assert _completion_rate([(12.0, 16)], 10.0, 15.0)["img_s"] == pytest.approx(3.2)
+    assert _completion_rate([], 10.0, 15.0)["img_s"] == 0
+
+
 def _point(img_s: float, p50: float, p99: float) -> dict:
     return {
         "mode": "closed",
