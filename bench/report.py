@@ -198,19 +198,50 @@ def paired_figures(data: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def _paired_throughput(paired: dict[str, Any] | None) -> tuple[float | None, str]:
+    if paired is None:
+        return None, ""
+    return paired["throughput"], (
+        f"service / LIMIT {paired['config']}: "
+        f"{_pairs(paired['service_img_s'], paired['limit_img_s'])} img/s"
+    )
+
+
+def _paired_latency(paired: dict[str, Any] | None) -> tuple[float | None, str]:
+    if paired is None:
+        return None, ""
+    return paired["latency"], (
+        "service C=1 p50 / single: "
+        f"{_pairs(paired['service_p50_s'], paired['single_p50_s'], 1000, 2)} ms"
+    )
+
+
 def _pairs(
     ours: list[float | None], theirs: list[float | None], scale: float = 1.0, digits: int = 1
 ) -> str:
     return ", ".join(
-        f"{_fmt(a, scale, digits)}/{_fmt(b, scale, digits)}"
+        f"{fmt(a, scale, digits)}/{fmt(b, scale, digits)}"
         for a, b in zip(ours, theirs, strict=True)
+    )
+
+
+def _prefer_paired(
+    value: float | None, detail: str, paired: float | None, pairs: str
+) -> tuple[float | None, str]:
+    """The paired rounds' median ratio where measured (both sides within a minute of each
+    other), with the full table's ratio kept in the detail; else the full table's."""
+    if paired is None:
+        return value, detail
+    return (
+        paired,
+        f"paired rounds, {pairs} -> median ratio; full table {detail} = {fmt(value, 1, 2)}",
     )
 
 
 def _limit_note(runs: list[float | None], scale: float = 1.0, digits: int = 1) -> str:
     if len(runs) < 2:
         return ""
-    return f" (LIMIT before/after the service {_fmt(runs[0], scale, digits)}/{_fmt(runs[1], scale, digits)})"
+    return f" (LIMIT before/after the service {fmt(runs[0], scale, digits)}/{fmt(runs[1], scale, digits)})"
 
 
 def open_point_whole(
@@ -229,7 +260,7 @@ def open_point(models: dict[str, Any], model: str, target: str, fraction: float)
     return point["median"] if point else None
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
+def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
@@ -250,7 +281,7 @@ def best_torchserve(models: dict[str, Any], model: str, c: int) -> tuple[str, di
     return max(found, key=lambda item: item[1]["img_s"]) if found else None
 
 
-def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
+def fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
     return "-" if value is None else f"{value * scale:.{digits}f}"
 
 
@@ -260,22 +291,14 @@ def ratios(models: dict[str, Any], c: int = 32) -> list[dict[str, Any]]:
     def service_vs_limit(tid: str, model: str, threshold: float) -> None:
         service = closed_point(models, model, "service", c)
         limit = limit_figures(models.get(model, {}))
-        table = _ratio(service and service["img_s"], limit["img_s"])
-        detail = (
-            f"{_fmt(service and service['img_s'])} / {_fmt(limit['img_s'])} img/s"
-            + _limit_note(limit["img_s_runs"])
+        value, detail = _prefer_paired(
+            ratio(service and service["img_s"], limit["img_s"]),
+            f"{fmt(service and service['img_s'])} / {fmt(limit['img_s'])} img/s"
+            + _limit_note(limit["img_s_runs"]),
+            *_paired_throughput(paired_figures(models.get(model, {}))),
         )
-        paired = paired_figures(models.get(model, {}))
-        if paired is not None and paired["throughput"] is not None:
-            # the paired rounds, when measured: both sides within a minute of each other
-            detail = (
-                f"paired rounds, service / LIMIT {paired['config']}: "
-                f"{_pairs(paired['service_img_s'], paired['limit_img_s'])} img/s -> median "
-                f"ratio; full table {detail} = {_fmt(table, 1, 2)}"
-            )
-            table = paired["throughput"]
         out.append(_entry(
-            tid, model, f"C={c}: service img/s / LIMIT img/s", table, ">=", threshold, detail,
+            tid, model, f"C={c}: service img/s / LIMIT img/s", value, ">=", threshold, detail,
         ))  # fmt: skip
 
     svc18 = closed_point(models, "r18", "service", c)
@@ -284,39 +307,32 @@ def ratios(models: dict[str, Any], c: int = 32) -> list[dict[str, Any]]:
     ts_name, ts = best if best else ("torchserve", None)
     out.append(_entry(
         "T2", "r18", f"C={c}: service img/s / best TorchServe img/s",
-        _ratio(svc18 and svc18["img_s"], ts and ts["img_s"]), ">=", 1.40,
-        f"{_fmt(svc18 and svc18['img_s'])} / {_fmt(ts and ts['img_s'])} img/s ({ts_name})",
+        ratio(svc18 and svc18["img_s"], ts and ts["img_s"]), ">=", 1.40,
+        f"{fmt(svc18 and svc18['img_s'])} / {fmt(ts and ts['img_s'])} img/s ({ts_name})",
     ))  # fmt: skip
     out.append(_entry(
         "T3", "r18", f"C={c}: service p99 / best TorchServe p99",
-        _ratio(svc18 and svc18["p99_s"], ts and ts["p99_s"]), "<=", 0.60,
-        f"{_fmt(svc18 and svc18['p99_s'], 1000, 0)} / {_fmt(ts and ts['p99_s'], 1000, 0)} ms ({ts_name})",
+        ratio(svc18 and svc18["p99_s"], ts and ts["p99_s"]), "<=", 0.60,
+        f"{fmt(svc18 and svc18['p99_s'], 1000, 0)} / {fmt(ts and ts['p99_s'], 1000, 0)} ms ({ts_name})",
     ))  # fmt: skip
     svc20 = closed_point(models, "r20", "service", c)
     naive20 = closed_point(models, "r20", "naive", c)
     service_vs_limit("T4", "r20", 0.85)
     out.append(_entry(
         "T5", "r20", f"C={c}: service img/s / naive FastAPI img/s",
-        _ratio(svc20 and svc20["img_s"], naive20 and naive20["img_s"]), ">=", 2.0,
-        f"{_fmt(svc20 and svc20['img_s'])} / {_fmt(naive20 and naive20['img_s'])} img/s",
+        ratio(svc20 and svc20["img_s"], naive20 and naive20["img_s"]), ">=", 2.0,
+        f"{fmt(svc20 and svc20['img_s'])} / {fmt(naive20 and naive20['img_s'])} img/s",
     ))  # fmt: skip
     for model in models:
         one = closed_point(models, model, "service", 1)
         limit = limit_figures(models[model])
         single = limit["single_p50_s"]
-        value = _ratio(one and one["p50_s"], single)
-        detail = (
-            f"{_fmt(one and one['p50_s'], 1000, 2)} / {_fmt(single, 1000, 2)} ms"
-            + _limit_note(limit["single_p50_runs"], 1000, 2)
+        value, detail = _prefer_paired(
+            ratio(one and one["p50_s"], single),
+            f"{fmt(one and one['p50_s'], 1000, 2)} / {fmt(single, 1000, 2)} ms"
+            + _limit_note(limit["single_p50_runs"], 1000, 2),
+            *_paired_latency(paired_figures(models[model])),
         )
-        paired = paired_figures(models[model])
-        if paired is not None and paired["latency"] is not None:
-            detail = (
-                "paired rounds, service C=1 p50 / single: "
-                f"{_pairs(paired['service_p50_s'], paired['single_p50_s'], 1000, 2)} ms -> "
-                f"median ratio; full table {detail} = {_fmt(value, 1, 2)}"
-            )
-            value = paired["latency"]
         out.append(_entry(
             "T6", model, "C=1: service p50 / in-process single-image latency",
             value, "<=", 1.15, detail,
@@ -326,13 +342,13 @@ def ratios(models: dict[str, Any], c: int = 32) -> list[dict[str, Any]]:
         point = open_point(models, model, "service", 0.9)
         tail = point and point.get("p99_over_p50")
         if tail is None:  # results written before the per-window ratio existed
-            tail = _ratio(point and point["p99_s"], point and point["p50_s"])
+            tail = ratio(point and point["p99_s"], point and point["p50_s"])
         windows = ", ".join(f"{t:.2f}" for t in (point or {}).get("p99_over_p50_windows", []))
         entry = _entry(
             "T8", model, "open loop at 90% of capacity: service p99 / p50 (median of windows)",
             tail, "<=", 3.0,
-            f"windows {windows or '-'}; medians p99 {_fmt(point and point['p99_s'], 1000, 1)}"
-            f" / p50 {_fmt(point and point['p50_s'], 1000, 1)} ms",
+            f"windows {windows or '-'}; medians p99 {fmt(point and point['p99_s'], 1000, 1)}"
+            f" / p50 {fmt(point and point['p50_s'], 1000, 1)} ms",
         )  # fmt: skip
         past = overloaded(models, model, 0.9)
         if past is not None:  # a queue that only grows has p99 ~ p50: no pass for that
@@ -476,13 +492,13 @@ def _row(target: str, point: dict[str, Any], duration: float) -> str:
     if m.get("retried"):  # idle keep-alive connections the server had closed: sent again
         errors += f" (retried on a new connection: {m['retried']})"
     cells = [
-        target, load, _fmt(m["req_s"]), _fmt(m["img_s"]), _fmt(m["p50_s"], 1000),
-        _fmt(m["p95_s"], 1000), _fmt(m["p99_s"], 1000), _fmt(m["max_s"], 1000), errors,
-        _fmt(m["mean_batch"], 1, 2), _fmt(m["server_cpu_s"], 1, 2),
-        _fmt(m["server_cpu_ms_per_req"], 1, 2), _fmt(m["loadgen_cpu_s"], 1, 2),
+        target, load, fmt(m["req_s"]), fmt(m["img_s"]), fmt(m["p50_s"], 1000),
+        fmt(m["p95_s"], 1000), fmt(m["p99_s"], 1000), fmt(m["max_s"], 1000), errors,
+        fmt(m["mean_batch"], 1, 2), fmt(m["server_cpu_s"], 1, 2),
+        fmt(m["server_cpu_ms_per_req"], 1, 2), fmt(m["loadgen_cpu_s"], 1, 2),
     ]  # fmt: skip
     if point.get("gpu"):
-        cells.append(_fmt(point["gpu"].get("util_mean_pct"), 1, 0))
+        cells.append(fmt(point["gpu"].get("util_mean_pct"), 1, 0))
     return "| " + " | ".join(cells) + " |"
 
 
@@ -505,8 +521,8 @@ def model_table(key: str, data: dict[str, Any], gpu: bool) -> list[str]:
             f"LIMIT (in-process, no HTTP; {limit['settings'].get('torch_threads')} torch "
             f"thread(s), {limit['settings'].get('preprocess_threads')} decode threads): "
             f"{batches}; best {limit.get('img_s', 0):.1f} img/s; "
-            f"single image p50 {_fmt(single.get('p50_s'), 1000, 2)} ms "
-            f"({_fmt(single.get('img_s'))} img/s on one thread)."
+            f"single image p50 {fmt(single.get('p50_s'), 1000, 2)} ms "
+            f"({fmt(single.get('img_s'))} img/s on one thread)."
         )
         lines.append("")
     elif limit:
@@ -517,7 +533,7 @@ def model_table(key: str, data: dict[str, Any], gpu: bool) -> list[str]:
         lines += [
             f"LIMIT again right after the service: best {after['img_s']:.1f} img/s "
             f"({drift:+.0%} vs before), single image p50 "
-            f"{_fmt(after.get('single', {}).get('p50_s'), 1000, 2)} ms; the ratios use the mean "
+            f"{fmt(after.get('single', {}).get('p50_s'), 1000, 2)} ms; the ratios use the mean "
             "of both.",
             "",
         ]
@@ -536,11 +552,11 @@ def model_table(key: str, data: dict[str, Any], gpu: bool) -> list[str]:
         ]
         for index, r in enumerate(paired["rounds"], 1):
             lines.append(
-                f"| {index} | {' then '.join(r['order'])} | {_fmt(r['service'][f'c{c}']['img_s'])}"
-                f" | {_fmt(r['limit']['img_s'])} | {_fmt(r.get('throughput_ratio'), 1, 2)} | "
-                f"{_fmt(r['service']['c1']['p50_s'], 1000, 2)} | "
-                f"{_fmt(r['limit']['single_p50_s'], 1000, 2)} | "
-                f"{_fmt(r.get('latency_ratio'), 1, 2)} |"
+                f"| {index} | {' then '.join(r['order'])} | {fmt(r['service'][f'c{c}']['img_s'])}"
+                f" | {fmt(r['limit']['img_s'])} | {fmt(r.get('throughput_ratio'), 1, 2)} | "
+                f"{fmt(r['service']['c1']['p50_s'], 1000, 2)} | "
+                f"{fmt(r['limit']['single_p50_s'], 1000, 2)} | "
+                f"{fmt(r.get('latency_ratio'), 1, 2)} |"
             )
         lines.append("")
     elif data.get("paired"):

@@ -24,7 +24,7 @@ from typing import Any
 from . import archives, images, targets
 from .config import BenchConfig, Timing
 from .gpu import GpuSampler
-from .report import describe_batch
+from .report import describe_batch, fmt, ratio
 
 MEDIAN_KEYS = (
     "req_s", "img_s", "p50_s", "p95_s", "p99_s", "max_s", "mean_s", "mean_batch",
@@ -315,15 +315,15 @@ class Runner:
                     )  # fmt: skip
                 entry["service"] = {"c1": one["median"], f"c{PAIRED_C}": loaded["median"]}
             service, limit = entry["service"], entry["limit"]
-            entry["throughput_ratio"] = _ratio(service[f"c{PAIRED_C}"]["img_s"], limit["img_s"])
-            entry["latency_ratio"] = _ratio(service["c1"]["p50_s"], limit["single_p50_s"])
+            entry["throughput_ratio"] = ratio(service[f"c{PAIRED_C}"]["img_s"], limit["img_s"])
+            entry["latency_ratio"] = ratio(service["c1"]["p50_s"], limit["single_p50_s"])
             rounds.append(entry)
             self.log(
                 f"{key}: paired round {index + 1}: service C={PAIRED_C} "
                 f"{service[f'c{PAIRED_C}']['img_s']:.1f} / LIMIT {config} {limit['img_s']:.1f} "
-                f"img/s = {_fmt_ratio(entry['throughput_ratio'])}; C=1 p50 "
-                f"{_ms(service['c1']['p50_s'])} / single {_ms(limit['single_p50_s'])} ms = "
-                f"{_fmt_ratio(entry['latency_ratio'])}"
+                f"img/s = {fmt(entry['throughput_ratio'], 1, 2)}; C=1 p50 "
+                f"{fmt(service['c1']['p50_s'], 1000)} / single {fmt(limit['single_p50_s'], 1000)} "
+                f"ms = {fmt(entry['latency_ratio'], 1, 2)}"
             )
         return {"config": str(config), "concurrency": PAIRED_C, "rounds": rounds}
 
@@ -515,15 +515,3 @@ class Runner:
             f"batch {batch}, errors {m['error_count']:.0f}, server CPU {m['server_cpu_s'] or 0:.2f} s, "
             f"loadgen CPU {m['loadgen_cpu_s']:.2f} s"
         )
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-def _fmt_ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.1f}"
