@@ -20,6 +20,7 @@ Measurements (each a warm-up, then ``repeats`` windows of ``duration_s``):
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -29,6 +30,8 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from service.allocator import active_allocator, exec_with_allocator
 
 
 def load_entry(archive: Path, store_dir: Path) -> tuple[Any, Any, Any]:
@@ -207,6 +210,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             workers = entry.batcher.workers
             result: dict[str, Any] = {
                 "torch_threads": torch.get_num_threads(),
+                "allocator": active_allocator(),
                 "preprocess_threads": settings.pool_threads,
                 "forward_workers": workers,
                 "device": str(entry.runner.device),
@@ -252,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         sys.stderr.write("usage: python -m bench.limit SPEC.json\n")
         return 2
+    # the service's allocator (MALLOC, default auto: tcmalloc when installed), like with like
+    exec_with_allocator(os.environ.get("MALLOC", "auto").lower())
     spec = json.loads(Path(args[0]).read_text())
     sys.stdout.write(json.dumps(run(spec)) + "\n")
     return 0

@@ -106,6 +106,7 @@ def service_defaults(overrides: dict[str, str]) -> dict[str, Any]:
     """The settings the 'service' target runs with (defaults + overrides), as it computes them."""
     from pydantic import ValidationError
 
+    from service.allocator import find_tcmalloc
     from service.settings import Settings
 
     values = {k.lower(): v for k, v in overrides.items()}
@@ -129,6 +130,8 @@ def service_defaults(overrides: dict[str, str]) -> dict[str, Any]:
         "PRECISION": settings.precision,
         "DEVICE": settings.device,
         "MAX_QUEUE": settings.max_queue,
+        "MALLOC": settings.malloc
+        + ("" if settings.malloc == "system" else f" ({find_tcmalloc() or 'not installed'})"),
     }
 
 
@@ -519,7 +522,8 @@ def model_table(key: str, data: dict[str, Any], gpu: bool) -> list[str]:
         single = limit.get("single", {})
         lines.append(
             f"LIMIT (in-process, no HTTP; {limit['settings'].get('torch_threads')} torch "
-            f"thread(s), {limit['settings'].get('preprocess_threads')} decode threads): "
+            f"thread(s), {limit['settings'].get('preprocess_threads')} decode threads, "
+            f"{limit['settings'].get('allocator', 'system')} allocator): "
             f"{batches}; best {limit.get('img_s', 0):.1f} img/s; "
             f"single image p50 {fmt(single.get('p50_s'), 1000, 2)} ms "
             f"({fmt(single.get('img_s'))} img/s on one thread)."

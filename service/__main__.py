@@ -20,6 +20,7 @@ import time
 
 from pydantic import ValidationError
 
+from .allocator import AllocatorMissing, exec_with_allocator
 from .settings import Settings, describe_error
 
 
@@ -184,6 +185,11 @@ def main() -> int:
         settings = Settings()
     except ValidationError as exc:
         sys.stderr.write(f"service: {describe_error(exc)}\n")
+        return 2
+    try:
+        exec_with_allocator(settings.malloc)  # returns here unless it restarts the process
+    except AllocatorMissing as exc:
+        sys.stderr.write(f"service: invalid setting MALLOC: {exc}\n")
         return 2
     configure_logging(settings)
 

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trainer import __version__
 
+from .allocator import active_allocator
 from .api.deps import API_KEY_SCHEME, ExplainLimiter
 from .api.errors import install_error_handlers
 from .api.responses import JSONBytesResponse
@@ -49,9 +50,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         _configure_torch(settings)
         app.state.pool = ThreadPoolExecutor(settings.pool_threads, thread_name_prefix="preprocess")
         log.info(
-            "model store %s, device %s, max batch %d, %d torch threads, %d preprocess threads",
+            "model store %s, device %s, max batch %d, %d torch threads, %d preprocess threads, "
+            "%s allocator",
             settings.model_store, settings.torch_device, settings.max_batch_size,
-            settings.threads, settings.pool_threads,
+            settings.threads, settings.pool_threads, active_allocator(),
         )  # fmt: skip
         loader = asyncio.create_task(_load_store(registry), name="load-model-store")
         app.state.loader = loader

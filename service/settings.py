@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     preprocess_threads: int | None = Field(
         None, ge=1, le=1024, description="default: usable CPUs (affinity, cgroup quota)"
     )
+    malloc: Literal["auto", "tcmalloc", "system"] = Field(
+        "auto",
+        description="memory allocator: 'auto' preloads tcmalloc when installed (fewer page "
+        "faults per forward; service/allocator.py), 'tcmalloc' requires it, 'system' never",
+    )
     warmup: Literal["all", "none"] = Field(
         "all", description="'all': one forward per batch size before ready; 'none' for tests"
     )
@@ -99,7 +104,7 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 8 characters")
         return value
 
-    @field_validator("log_format", "log_level", "precision", "warmup", mode="before")
+    @field_validator("log_format", "log_level", "precision", "warmup", "malloc", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

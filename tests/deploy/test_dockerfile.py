@@ -207,3 +207,12 @@ def test_build_context_builds_the_package(tmp_path: Path) -> None:
     wanted = {p for p in sent if p.endswith(".py") or p.startswith("service/static/")}
     assert wanted <= packaged, sorted(wanted - packaged)
     assert any(p.endswith("entry_points.txt") for p in packaged)
+
+
+def test_runtime_stage_installs_the_allocator_the_service_preloads() -> None:
+    runs = " ".join(args for keyword, args in runtime_stage() if keyword == "RUN")
+    assert "apt-get install" in runs and "libtcmalloc-minimal4" in runs
+    assert "rm -rf /var/lib/apt/lists/*" in runs, "no apt lists left in the image"
+    assert (
+        "MALLOC" not in DOCKERFILE.read_text().split("ENV MODEL_STORE")[1].split("ENV PATH")[0]
+    ), "MALLOC keeps the service's default (auto: tcmalloc when installed)"

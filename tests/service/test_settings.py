@@ -65,6 +65,7 @@ def test_environment_parsing(monkeypatch: pytest.MonkeyPatch):
         ("LOG_FORMAT", "xml", "LOG_FORMAT"),
         ("ADMIN_API_KEY", "short", "ADMIN_API_KEY"),
         ("TORCH_THREADS", "0", "TORCH_THREADS"),
+        ("MALLOC", "jemalloc", "MALLOC"),
     ],
 )
 def test_invalid_settings_stop_the_service_with_one_line(name: str, value: str, fragment: str):
