@@ -199,6 +199,9 @@ def test_ratios_pass_and_fail_from_one_run() -> None:
     assert found[("T1", "r18")]["pass"] is True
     assert found[("T2", "r18")]["value"] == pytest.approx(47 / 30)  # best TorchServe = 1 worker
     assert found[("T3", "r18")]["value"] == pytest.approx(0.5)
+    # at the LIMIT (50 img/s) with no tail, C=32 waits 32 / 50 = 0.64 s: 0.64 / 1.2 s
+    assert found[("T3", "r18")]["bound"] == pytest.approx(0.64 / 1.2)
+    assert "640 ms -> 0.53" in found[("T3", "r18")]["detail"]
     assert found[("T4", "r20")]["pass"] is False  # 0.75 < 0.85
     assert found[("T5", "r20")]["pass"] is False  # 1.5 < 2
     assert found[("T6", "r18")]["value"] == pytest.approx(1.1)
