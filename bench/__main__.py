@@ -23,7 +23,7 @@ from typing import Any
 
 from . import config as configs
 from .archives import MODELS
-from .config import HTTP_TARGETS, TARGETS, BenchConfig, Timing
+from .config import HTTP_TARGETS, PEER_MODEL, TARGETS, BenchConfig, Timing
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -163,11 +163,24 @@ def estimate_s(cfg: BenchConfig) -> float:
                     # start-up and its C=1 and C=32 windows
                     total += cfg.paired_rounds * (15 + 2 * window + startup["service"] + 2 * window)
                 continue
+            if target.startswith("torchserve") and target == last_peer(cfg, model):
+                window = timing.warmup_s + timing.duration_s
+                # per round: a service and a TorchServe start-up, one C=32 window each
+                total += cfg.paired_rounds * (startup["service"] + startup[target] + 2 * window)
             points = len(cfg.concurrency)
             if target in cfg.open_loop_targets:
                 points += len(cfg.open_loop)
             total += startup[target] + points * point
     return total
+
+
+def last_peer(cfg: BenchConfig, model: str) -> str | None:
+    """The TorchServe target after which the paired peer rounds run for ``model``, or None."""
+    steps = cfg.targets_for(model)
+    peers = [t for t in steps if t.startswith("torchserve")]
+    if not cfg.paired_rounds or model != PEER_MODEL or "service" not in steps or not peers:
+        return None
+    return peers[-1]
 
 
 def dry_run(cfg: BenchConfig) -> None:
@@ -192,6 +205,9 @@ def dry_run(cfg: BenchConfig) -> None:
             if target in cfg.open_loop_targets:
                 loads += [f"open {f:.0%} of capacity" for f in cfg.open_loop]
             print(f"    {target}: {', '.join(loads)}")
+            if target == last_peer(cfg, model):
+                print(f"    paired peer (T2/T3): {cfg.paired_rounds} rounds of a fresh service "
+                      "and a fresh best TorchServe configuration at C=32, back to back")  # fmt: skip
     skipped = [t for t in HTTP_TARGETS if t not in cfg.targets]
     if skipped:
         print(f"targets not in this plan: {', '.join(skipped)}")

@@ -22,6 +22,7 @@ HTTP_TARGETS = (
 )  # fmt: skip
 TARGETS = ("limit", *HTTP_TARGETS)
 MODEL_FREE_TARGETS = ("http-floor",)
+PEER_MODEL = "r18"  # T2/T3's model: its service and best TorchServe get paired rounds too
 
 
 @dataclass(frozen=True, kw_only=True)

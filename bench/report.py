@@ -201,6 +201,33 @@ def paired_figures(data: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def paired_peer_figures(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The median per-round ratios of the service and its peer (``Runner.run_paired_peer``).
+
+    ``throughput``: service img/s / peer img/s at C=32; ``p99``: service p99 / peer p99;
+    both sides of a round were measured within a minute of each other.
+    """
+    paired = data.get("paired-peer") or {}
+    rounds = [r for r in paired.get("rounds", []) if "service" in r and "peer" in r]
+    if not rounds:
+        return None
+
+    def median(key: str) -> float | None:
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    return {
+        "peer": paired.get("peer"),
+        "throughput": median("throughput_ratio"),
+        "p99": median("p99_ratio"),
+        "rounds": rounds,
+        "throughput_pairs": _pairs([r["service"]["img_s"] for r in rounds],
+                                   [r["peer"]["img_s"] for r in rounds]),
+        "p99_pairs": _pairs([r["service"]["p99_s"] for r in rounds],
+                            [r["peer"]["p99_s"] for r in rounds], 1000, 0),
+    }  # fmt: skip
+
+
 def _paired_throughput(paired: dict[str, Any] | None) -> tuple[float | None, str]:
     if paired is None:
         return None, ""
@@ -325,16 +352,23 @@ def ratios(models: dict[str, Any], c: int = 32) -> list[dict[str, Any]]:
     service_vs_limit("T1", "r18", 0.90)
     best = best_torchserve(models, "r18", c)
     ts_name, ts = best if best else ("torchserve", None)
-    out.append(_entry(
-        "T2", "r18", f"C={c}: service img/s / best TorchServe img/s",
-        ratio(svc18 and svc18["img_s"], ts and ts["img_s"]), ">=", 1.40,
+    peer = paired_peer_figures(models.get("r18", {}))
+    value, detail = _prefer_paired(
+        ratio(svc18 and svc18["img_s"], ts and ts["img_s"]),
         f"{fmt(svc18 and svc18['img_s'])} / {fmt(ts and ts['img_s'])} img/s ({ts_name})",
-    ))  # fmt: skip
-    t3 = _entry(
-        "T3", "r18", f"C={c}: service p99 / best TorchServe p99",
-        ratio(svc18 and svc18["p99_s"], ts and ts["p99_s"]), "<=", 0.60,
-        f"{fmt(svc18 and svc18['p99_s'], 1000, 0)} / {fmt(ts and ts['p99_s'], 1000, 0)} ms ({ts_name})",
+        *((peer["throughput"], f"service / {peer['peer']}: {peer['throughput_pairs']} img/s")
+          if peer else (None, "")),
     )  # fmt: skip
+    out.append(_entry(
+        "T2", "r18", f"C={c}: service img/s / best TorchServe img/s", value, ">=", 1.40, detail,
+    ))  # fmt: skip
+    value, detail = _prefer_paired(
+        ratio(svc18 and svc18["p99_s"], ts and ts["p99_s"]),
+        f"{fmt(svc18 and svc18['p99_s'], 1000, 0)} / {fmt(ts and ts['p99_s'], 1000, 0)} ms ({ts_name})",
+        *((peer["p99"], f"service / {peer['peer']} p99: {peer['p99_pairs']} ms")
+          if peer else (None, "")),
+    )  # fmt: skip
+    t3 = _entry("T3", "r18", f"C={c}: service p99 / best TorchServe p99", value, "<=", 0.60, detail)
     bound = closed_loop_p99_bound(models, "r18", c, ts and ts["p99_s"])
     if bound is not None:
         t3["bound"] = bound["ratio"]
@@ -530,6 +564,56 @@ def _row(target: str, point: dict[str, Any], duration: float) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def paired_tables(data: dict[str, Any]) -> list[str]:
+    """The per-round tables of the paired rounds (LIMIT, and the peer), or what stopped them."""
+    lines: list[str] = []
+    paired = paired_figures(data)
+    if paired is not None:
+        c = paired["concurrency"]
+        lines += [
+            f"Paired rounds (T1/T4/T6/T7): the LIMIT at {describe_batch(paired['config'])} and a "
+            f"fresh service at C=1 and C={c}, back to back, one window each:",
+            "",
+            f"| round | order | service C={c} img/s | LIMIT img/s | ratio | service C=1 p50 ms "
+            "| single p50 ms | ratio |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for index, r in enumerate(paired["rounds"], 1):
+            lines.append(
+                f"| {index} | {' then '.join(r['order'])} | {fmt(r['service'][f'c{c}']['img_s'])}"
+                f" | {fmt(r['limit']['img_s'])} | {fmt(r.get('throughput_ratio'), 1, 2)} | "
+                f"{fmt(r['service']['c1']['p50_s'], 1000, 2)} | "
+                f"{fmt(r['limit']['single_p50_s'], 1000, 2)} | "
+                f"{fmt(r.get('latency_ratio'), 1, 2)} |"
+            )
+        lines.append("")
+    elif data.get("paired"):
+        failed = data["paired"]
+        lines += [f"Paired rounds: {failed.get('error') or failed.get('skipped') or 'none'}", ""]
+    peer = paired_peer_figures(data)
+    if peer is not None:
+        lines += [
+            f"Paired peer rounds (T2/T3): a fresh service and a fresh {peer['peer']} at C=32, "
+            "back to back, one window each:",
+            "",
+            "| round | order | service img/s | peer img/s | ratio | service p99 ms | peer p99 ms "
+            "| ratio |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for index, r in enumerate(peer["rounds"], 1):
+            lines.append(
+                f"| {index} | {' then '.join(r['order'])} | {fmt(r['service']['img_s'])} | "
+                f"{fmt(r['peer']['img_s'])} | {fmt(r.get('throughput_ratio'), 1, 2)} | "
+                f"{fmt(r['service']['p99_s'], 1000, 0)} | {fmt(r['peer']['p99_s'], 1000, 0)} | "
+                f"{fmt(r.get('p99_ratio'), 1, 2)} |"
+            )
+        lines.append("")
+    elif data.get("paired-peer"):
+        failed = data["paired-peer"]
+        lines += [f"Paired peer rounds: {failed.get('error') or 'none'}", ""]
+    return lines
+
+
 def model_table(key: str, data: dict[str, Any], gpu: bool) -> list[str]:
     timing = data.get("timing", {})
     duration = float(timing.get("duration_s", 0))
@@ -568,29 +652,7 @@ def model_table(key: str, data: dict[str, Any], gpu: bool) -> list[str]:
         ]
     elif after:
         lines += [f"LIMIT after the service: {after.get('error') or after.get('skipped')}", ""]
-    paired = paired_figures(data)
-    if paired is not None:
-        c = paired["concurrency"]
-        lines += [
-            f"Paired rounds (T1/T4/T6/T7): the LIMIT at {describe_batch(paired['config'])} and a "
-            f"fresh service at C=1 and C={c}, back to back, one window each:",
-            "",
-            f"| round | order | service C={c} img/s | LIMIT img/s | ratio | service C=1 p50 ms "
-            "| single p50 ms | ratio |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for index, r in enumerate(paired["rounds"], 1):
-            lines.append(
-                f"| {index} | {' then '.join(r['order'])} | {fmt(r['service'][f'c{c}']['img_s'])}"
-                f" | {fmt(r['limit']['img_s'])} | {fmt(r.get('throughput_ratio'), 1, 2)} | "
-                f"{fmt(r['service']['c1']['p50_s'], 1000, 2)} | "
-                f"{fmt(r['limit']['single_p50_s'], 1000, 2)} | "
-                f"{fmt(r.get('latency_ratio'), 1, 2)} |"
-            )
-        lines.append("")
-    elif data.get("paired"):
-        failed = data["paired"]
-        lines += [f"Paired rounds: {failed.get('error') or failed.get('skipped') or 'none'}", ""]
+    lines += paired_tables(data)
     head = ("| target | load | req/s | img/s | p50 ms | p95 ms | p99 ms | max ms | errors | "
             "mean batch | server CPU s | server CPU ms/req | loadgen CPU s |")  # fmt: skip
     sep = "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"

@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import archives, images, targets
-from .config import BenchConfig, Timing
+from . import archives, images, report, targets
+from .config import PEER_MODEL, BenchConfig, Timing
 from .gpu import GpuSampler
 from .report import describe_batch, fmt, ratio
 
@@ -90,7 +90,7 @@ def merge_loadgen(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 MAX_WARMUP_S = 20.0
-MODEL_STEPS = ("limit", "paired")  # steps whose results sit beside "targets", not in it
+MODEL_STEPS = ("limit", "paired", "paired-peer")  # results beside "targets", not in it
 PAIRED_C = 32  # the closed-loop concurrency of T1, T4 and T7
 
 
@@ -197,12 +197,17 @@ class Runner:
         for target in self._steps(key):
             if target == "paired" and "best_batch" not in (result.get("limit") or {}):
                 continue  # no LIMIT configuration to pair the service with
+            peer = report.best_torchserve({key: result}, key, PAIRED_C)
+            if target == "paired-peer" and peer is None:
+                continue  # TorchServe was skipped or failed: no peer to pair the service with
             self.log(f"{key}: {target}")
             try:
                 if target == "limit":
                     result[target] = self.run_limit(key, archive)
                 elif target == "paired":
                     result[target] = self.run_paired(key, archive, result["limit"]["best_batch"])
+                elif target == "paired-peer" and peer is not None:
+                    result[target] = self.run_paired_peer(key, archive, card, peer[0], result)
                 else:
                     result["targets"][target] = self.run_target(key, target, archive, card)
             except targets.TargetUnavailable as exc:
@@ -221,6 +226,9 @@ class Runner:
         steps = list(self.cfg.targets_for(key))
         if self.cfg.paired_rounds and "limit" in steps and "service" in steps:
             steps.insert(steps.index("service") + 1, "paired")
+        peers = [i for i, step in enumerate(steps) if step.startswith("torchserve")]
+        if self.cfg.paired_rounds and "service" in steps and peers and key == PEER_MODEL:
+            steps.insert(peers[-1] + 1, "paired-peer")  # after the table chose the best peer
         return steps
 
     def _limit_child(self, key: str, archive: Path, **spec: Any) -> dict[str, Any]:
@@ -326,6 +334,47 @@ class Runner:
                 f"ms = {fmt(entry['latency_ratio'], 1, 2)}"
             )
         return {"config": str(config), "concurrency": PAIRED_C, "rounds": rounds}
+
+    def run_paired_peer(
+        self, key: str, archive: Path, card: Any, peer: str, result: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The service and the best TorchServe configuration at C=32, back to back, in rounds.
+
+        T2 and T3 compare the service with TorchServe, which the table measures many minutes
+        later; on this host the same code drifts by 20-40% in that time (the 15:30 run's
+        TorchServe ran in a slow period: 22.4 img/s against 35.2 in the run before). As in
+        ``run_paired``, each round starts both afresh and measures one C=32 window of each,
+        the service first in even rounds and the peer first in odd ones.
+        """
+        timing = self.cfg.timing_for(key)
+        rates = {
+            side: (report.closed_point({key: result}, key, side, PAIRED_C) or {}).get("req_s")
+            for side in ("service", peer)
+        }
+        rounds = []
+        for index in range(self.cfg.paired_rounds):
+            sides = ("service", peer) if index % 2 == 0 else (peer, "service")
+            entry: dict[str, Any] = {"order": list(sides)}
+            for side in sides:
+                with self._start(side, archive, card) as endpoint:
+                    for pid in endpoint.pids:
+                        self.tracker.add_tree(pid)
+                    point = self.measure(
+                        endpoint, warmed(timing, PAIRED_C, rates[side]), mode="closed",
+                        concurrency=PAIRED_C, repeats=1,
+                    )  # fmt: skip
+                entry["service" if side == "service" else "peer"] = point["median"]
+            service, other = entry["service"], entry["peer"]
+            entry["throughput_ratio"] = ratio(service["img_s"], other["img_s"])
+            entry["p99_ratio"] = ratio(service["p99_s"], other["p99_s"])
+            rounds.append(entry)
+            self.log(
+                f"{key}: paired peer round {index + 1}: service C={PAIRED_C} "
+                f"{service['img_s']:.1f} / {peer} {other['img_s']:.1f} img/s = "
+                f"{fmt(entry['throughput_ratio'], 1, 2)}; p99 {fmt(service['p99_s'], 1000, 0)} / "
+                f"{fmt(other['p99_s'], 1000, 0)} ms = {fmt(entry['p99_ratio'], 1, 2)}"
+            )
+        return {"peer": peer, "concurrency": PAIRED_C, "rounds": rounds}
 
     def run_target(self, key: str, target: str, archive: Path, card: Any) -> dict[str, Any]:
         with self._start(target, archive, card) as endpoint:

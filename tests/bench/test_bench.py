@@ -280,6 +280,55 @@ def test_paired_rounds_follow_the_service_and_can_be_turned_off() -> None:
         config.BenchConfig(paired_rounds=-1)
 
 
+def test_paired_peer_rounds_follow_the_last_torchserve_of_resnet18_only() -> None:
+    targets = ("limit", "service", "torchserve-1w", "torchserve-2w", "http-floor")
+    cfg = config.BenchConfig(models=("r18",), targets=targets)
+    assert _steps(cfg) == ["limit", "service", "paired", "torchserve-1w", "torchserve-2w",
+                           "paired-peer", "http-floor"]  # fmt: skip
+    assert "paired-peer" not in _steps(config.BenchConfig(models=("r20",), targets=targets))
+    off = config.BenchConfig(models=("r18",), targets=targets, paired_rounds=0)
+    assert "paired-peer" not in _steps(off)
+
+
+def _peer_round(order: tuple[str, str], service: tuple[float, float], peer: tuple[float, float]):
+    """A paired peer round: (img/s, p99 s) of the service and of TorchServe."""
+    return {
+        "order": list(order),
+        "service": {"img_s": service[0], "p99_s": service[1]},
+        "peer": {"img_s": peer[0], "p99_s": peer[1]},
+        "throughput_ratio": service[0] / peer[0],
+        "p99_ratio": service[1] / peer[1],
+    }
+
+
+def test_paired_peer_rounds_give_t2_and_t3() -> None:
+    # the table measured TorchServe in a slow minute (20 img/s): T2 2.5 from the table, while
+    # the rounds, each side within a minute of the other, say 1.5
+    rounds = [
+        _peer_round(("service", "torchserve-2w"), (51.0, 0.80), (34.0, 1.00)),  # 1.50, 0.80
+        _peer_round(("torchserve-2w", "service"), (45.0, 0.90), (30.0, 1.20)),  # 1.50, 0.75
+        _peer_round(("service", "torchserve-2w"), (48.0, 0.85), (30.0, 1.00)),  # 1.60, 0.85
+    ]
+    models = {
+        "r18": {
+            "paired-peer": {"peer": "torchserve-2w", "concurrency": 32, "rounds": rounds},
+            "targets": {
+                "service": {"points": [_point(50.0, 0.6, 0.8)]},
+                "torchserve-2w": {"points": [_point(20.0, 1.5, 2.0)]},
+            },
+        },
+    }  # fmt: skip
+    found = {(e["id"], e["model"]): e for e in report.ratios(models)}
+    t2, t3 = found[("T2", "r18")], found[("T3", "r18")]
+    assert t2["value"] == pytest.approx(1.5) and t2["pass"] is True
+    assert "51.0/34.0, 45.0/30.0, 48.0/30.0 img/s" in t2["detail"]
+    assert "full table 50.0 / 20.0 img/s (torchserve-2w) = 2.50" in t2["detail"]
+    assert t3["value"] == pytest.approx(0.80) and t3["pass"] is False
+    assert "800/1000, 900/1200, 850/1000 ms" in t3["detail"]
+    text = "\n".join(report.paired_tables(models["r18"]))
+    assert "| 2 | torchserve-2w then service | 45.0 | 30.0 | 1.50 | 900 | 1200 | 0.75 |" in text
+
+
 def test_a_limit_measured_before_and_after_the_service_is_averaged() -> None:
     # results of runs before the paired rounds (sessions up to 2026-11-28 11:35) measured the
     # LIMIT again right after the service; the host slowed down: before 60 img/s, after 40
