@@ -171,6 +171,16 @@ def limit_figures(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _complete_rounds(paired: dict[str, Any], other: str) -> list[dict[str, Any]]:
+    """The rounds that measured both sides (a failed start loses one side: not counted)."""
+    return [r for r in paired.get("rounds", []) if "service" in r and other in r]
+
+
+def _median_ratio(rounds: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rounds if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
 def paired_figures(data: dict[str, Any]) -> dict[str, Any] | None:
     """The median per-round ratios of the paired rounds (``Runner.run_paired``), or None.
 
@@ -179,20 +189,15 @@ def paired_figures(data: dict[str, Any]) -> dict[str, Any] | None:
     measured within a minute of the other.
     """
     paired = data.get("paired") or {}
-    rounds = [r for r in paired.get("rounds", []) if "service" in r and "limit" in r]
+    rounds = _complete_rounds(paired, "limit")
     if not rounds:
         return None
-
-    def median(key: str) -> float | None:
-        values = [r[key] for r in rounds if r.get(key) is not None]
-        return statistics.median(values) if values else None
-
     c = paired.get("concurrency", 32)
     return {
         "config": paired.get("config"),
         "concurrency": c,
-        "throughput": median("throughput_ratio"),
-        "latency": median("latency_ratio"),
+        "throughput": _median_ratio(rounds, "throughput_ratio"),
+        "latency": _median_ratio(rounds, "latency_ratio"),
         "rounds": rounds,
         "service_img_s": [r["service"][f"c{c}"]["img_s"] for r in rounds],
         "limit_img_s": [r["limit"]["img_s"] for r in rounds],
@@ -208,18 +213,13 @@ def paired_peer_figures(data: dict[str, Any]) -> dict[str, Any] | None:
     both sides of a round were measured within a minute of each other.
     """
     paired = data.get("paired-peer") or {}
-    rounds = [r for r in paired.get("rounds", []) if "service" in r and "peer" in r]
+    rounds = _complete_rounds(paired, "peer")
     if not rounds:
         return None
-
-    def median(key: str) -> float | None:
-        values = [r[key] for r in rounds if r.get(key) is not None]
-        return statistics.median(values) if values else None
-
     return {
         "peer": paired.get("peer"),
-        "throughput": median("throughput_ratio"),
-        "p99": median("p99_ratio"),
+        "throughput": _median_ratio(rounds, "throughput_ratio"),
+        "p99": _median_ratio(rounds, "p99_ratio"),
         "rounds": rounds,
         "throughput_pairs": _pairs([r["service"]["img_s"] for r in rounds],
                                    [r["peer"]["img_s"] for r in rounds]),

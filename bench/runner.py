@@ -197,9 +197,11 @@ class Runner:
         for target in self._steps(key):
             if target == "paired" and "best_batch" not in (result.get("limit") or {}):
                 continue  # no LIMIT configuration to pair the service with
-            peer = report.best_torchserve({key: result}, key, PAIRED_C)
-            if target == "paired-peer" and peer is None:
-                continue  # TorchServe was skipped or failed: no peer to pair the service with
+            peer = None
+            if target == "paired-peer":  # the best TorchServe configuration of the table
+                peer = report.best_torchserve({key: result}, key, PAIRED_C)
+                if peer is None:
+                    continue  # TorchServe was skipped or failed: no peer to pair with
             self.log(f"{key}: {target}")
             try:
                 if target == "limit":
