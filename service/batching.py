@@ -14,10 +14,13 @@ primary while a core is free; a half-batch trigger left one core idle at C=8: Re
 38 img/s, ResNet-50 8.8 vs 16.0).
 
 Filling (``_fill``): requests announce their images while they decode; a forward that has
-a partial batch waits for announced images, at most about one image's forward time. Under load
+a partial batch waits for announced images as long as each comes within about one image's
+forward time of the one before (at most ``FILL_MAX_IMAGES`` images' time in all). Under load
 one batch's answers come back as a cohort of new requests decoded one by one; without the fill
 the first decoded image started a forward of its own (ResNet-50 C=32: 14.3 -> 17.0 img/s and
-138 -> 116 CPU ms per image with the fill and helper backlog 1; bench compare, README).
+138 -> 116 CPU ms per image with the fill and helper backlog 1). A single wait of one image's
+time still split cohorts whose decoding took longer than that: ResNet-18 C=32 mean batch
+10.7 -> 13.9 and ResNet-20 C=32 350 -> 380 img/s with the rolling wait (bench compare, README).
 
 Guarantees:
 - admission is all-or-nothing per request; a full queue answers ``QueueFull`` (503) at once;
@@ -139,6 +142,7 @@ class _NoMetrics:
 
 _NO_METRICS = _NoMetrics()
 FILL_POLL_S = 0.004  # how often a forward waiting for announced images rechecks them
+FILL_MAX_IMAGES = 4  # a fill waits at most this many images' forward time in all
 
 
 class Batcher:
@@ -329,22 +333,28 @@ class Batcher:
                 return
 
     def _fill(self, batch: list[Any]) -> None:
-        """Top up a partial batch with images still being decoded, for about one image's forward.
+        """Top up a partial batch with images still being decoded, while they keep coming.
 
         Under load the answers of one batch come back as a cohort of new requests whose images
         are decoded one by one: without this, a free forward starts on the first decoded image
         and the rest wait for the next forward (ResNet-50, C=32: batches of 8-10 instead of 16,
-        +17% CPU per image). Waiting costs at most what computing one more image in this batch
-        would; with nothing announced (C=1) it never waits.
+        +17% CPU per image). The wait ends when nothing more is announced, when no image came
+        within about one image's forward time (waiting longer would cost more than computing
+        it in the next batch), or after ``FILL_MAX_IMAGES`` images' forward time in all; with
+        nothing announced (C=1) it never waits.
         """
         if not batch or batch[-1] is _STOP:
             return
-        deadline = time.monotonic() + max(self.max_delay_s, self._seconds_per_image)
+        per_image = max(self.max_delay_s, self._seconds_per_image)
+        now = time.monotonic()
+        cap = now + max(self.max_delay_s, FILL_MAX_IMAGES * self._seconds_per_image)
+        deadline = now + per_image
         while len(batch) < self.max_batch_size:
             with self._lock:
                 if self._incoming <= 0 or self._closed:
                     return
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = min(deadline, cap) - now
             if remaining <= 0:
                 return
             try:  # short polls: an announced image may be withdrawn instead of arriving
@@ -355,6 +365,7 @@ class Batcher:
                 return
             with self._lock:
                 self._pending -= 1
+            deadline = time.monotonic() + per_image  # the next one is worth a wait as well
 
     def _wait_for_backlog(self) -> bool:
         """Block until ``helper_backlog`` images wait (True) or the batcher closes (False)."""

@@ -288,6 +288,45 @@ def test_without_announced_images_a_free_forward_starts_at_once():
     assert batcher.close(timeout=5)
 
 
+def test_a_fill_keeps_waiting_while_images_keep_arriving_within_one_image_time():
+    forward = RecordingForward()
+    batcher = make_batcher(forward, max_batch_size=8)
+    batcher._seconds_per_image = 0.3  # one image's forward: the wait for the next one
+
+    async def main():
+        coming = [batcher.announce(1) for _ in range(4)]
+        start = time.monotonic()
+        futures = []
+        for value, announced in enumerate(coming):  # 0.1 s apart: each within 0.3 s
+            futures.append(asyncio.ensure_future(batcher.infer([item(value)], far(), announced)))
+            await asyncio.sleep(0.1)
+        await asyncio.gather(*futures)
+        return time.monotonic() - start
+
+    elapsed = asyncio.run(main())
+    # 0.1 s between images, a third of one image's time: one forward for all four
+    assert forward.batches == [[0.0, 1.0, 2.0, 3.0]]
+    assert elapsed < 1.0
+    assert batcher.close(timeout=5)
+
+
+def test_a_fill_stops_when_the_next_image_is_slower_than_one_image_time():
+    forward = RecordingForward()
+    batcher = make_batcher(forward, max_batch_size=8)
+    batcher._seconds_per_image = 0.05
+
+    async def main():
+        first, late = batcher.announce(1), batcher.announce(1)
+        one = asyncio.ensure_future(batcher.infer([item(1)], far(), first))
+        await asyncio.sleep(0.3)  # the second is still decoding after 6 images' time
+        two = await batcher.infer([item(2)], far(), late)
+        return await one, two
+
+    asyncio.run(main())
+    assert forward.batches == [[1.0], [2.0]]
+    assert batcher.close(timeout=5)
+
+
 def test_worker_drops_items_whose_deadline_passed_while_queued():
     forward = RecordingForward()
     batcher = Batcher(forward, max_batch_size=8, max_queue=8, workers=1)  # worker not started yet
