@@ -56,6 +56,7 @@ log = logging.getLogger("service.batching")
 
 ForwardFn = Callable[[torch.Tensor], torch.Tensor]
 StackFn = Callable[[Sequence[torch.Tensor]], torch.Tensor]
+PrepareFn = Callable[[Any], torch.Tensor]
 _STOP = object()  # queued by close(): everything before it is served, then the worker exits
 
 
@@ -63,11 +64,12 @@ _STOP = object()  # queued by close(): everything before it is served, then the 
 class WorkItem:
     """One image waiting for the worker."""
 
-    input: torch.Tensor
+    input: Any  # the preprocessed tensor, or the image's bytes when ``prepare`` is set
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
     enqueued: float  # time.monotonic()
     deadline: float  # time.monotonic() after which the image is not computed any more
+    prepare: PrepareFn | None = None  # bytes -> tensor, run by the worker before the forward
 
 
 @dataclass(slots=True, eq=False)
@@ -184,6 +186,7 @@ class Batcher:
         self._backlog = threading.Condition(self._lock)  # idle helpers wait here for work
         self._pending = 0  # images admitted and not yet taken by a worker
         self._incoming = 0  # images of admitted requests still being decoded (announce())
+        self._busy = 0  # workers holding a batch (filling, decoding or computing it)
         self._closed = False
         self._seconds_per_image = 0.01  # moving average, for Retry-After
         self.workers = workers  # the primary and workers - 1 helpers
@@ -223,6 +226,19 @@ class Batcher:
     def closed(self) -> bool:
         return self._closed
 
+    def idle(self) -> bool:
+        """Nothing is queued, announced or being computed, and a second forward thread exists.
+
+        Then a lone image may be sent undecoded (``infer(..., prepare=...)``): one forward
+        thread decodes and computes it, which saves two thread hand-offs and the wake-up of
+        an idle forward thread. The second thread is what serves other requests meanwhile, so
+        a slow decode (a big PNG) never holds up every forward.
+        """
+        return (
+            self.workers > 1 and self._busy == 0 and self._pending == 0
+            and self._incoming == 0 and not self._closed
+        )  # fmt: skip
+
     def start(self) -> None:
         for thread in self._threads:
             thread.start()
@@ -249,9 +265,17 @@ class Batcher:
             self._incoming -= announced.count
 
     def submit(
-        self, inputs: Sequence[torch.Tensor], deadline: float, announced: Announced | None = None
+        self,
+        inputs: Sequence[Any],
+        deadline: float,
+        announced: Announced | None = None,
+        prepare: PrepareFn | None = None,
     ) -> list[asyncio.Future[Any]]:
-        """Queue every image of one request (all or none); returns one future per image."""
+        """Queue every image of one request (all or none); returns one future per image.
+
+        With ``prepare``, ``inputs`` are undecoded images that the worker turns into tensors
+        with it just before the forward; an image it fails on gets the exception it raised.
+        """
         loop = asyncio.get_running_loop()
         count = len(inputs)
         with self._lock:
@@ -272,17 +296,21 @@ class Batcher:
             futures = []
             for tensor in inputs:
                 future = loop.create_future()
-                self._queue.put(WorkItem(tensor, future, loop, now, deadline))
+                self._queue.put(WorkItem(tensor, future, loop, now, deadline, prepare))
                 futures.append(future)
             if self.workers > 1 and self._pending >= self._helper_backlog:
                 self._backlog.notify()  # work waits while the primary may be busy: a helper
         return futures
 
     async def infer(
-        self, inputs: Sequence[torch.Tensor], deadline: float, announced: Announced | None = None
+        self,
+        inputs: Sequence[Any],
+        deadline: float,
+        announced: Announced | None = None,
+        prepare: PrepareFn | None = None,
     ) -> list[Prediction]:
         """Queue the images and wait for their predictions, at most until ``deadline``."""
-        futures = self.submit(inputs, deadline, announced)
+        futures = self.submit(inputs, deadline, announced, prepare)
         try:
             remaining = max(0.0, deadline - time.monotonic())
             return list(await asyncio.wait_for(asyncio.gather(*futures), remaining))
@@ -316,8 +344,10 @@ class Batcher:
                 batch = collect_batch(self._queue, self.max_batch_size, 0.0, block_timeout=0.0)
             else:
                 batch = collect_batch(self._queue, self.max_batch_size, self.max_delay_s)
+            taken = sum(1 for item in batch if item is not _STOP)
             with self._lock:  # taken: no longer pending (a helper must not spin on them)
-                self._pending -= sum(1 for item in batch if item is not _STOP)
+                self._pending -= taken
+                self._busy += 1 if taken else 0
             self._fill(batch)
             stop = bool(batch) and batch[-1] is _STOP
             items = [item for item in batch if item is not _STOP]
@@ -327,6 +357,9 @@ class Batcher:
                 except BaseException as exc:  # never let the worker die
                     log.exception("inference worker %s: unexpected error", self.name)
                     self._fail(items, InferenceFailed(f"inference failed: {_describe(exc)}"))
+            if taken:
+                with self._lock:
+                    self._busy -= 1
             if stop:
                 if helper:  # the STOP is the primary's: it drains what is left, then exits
                     self._queue.put(_STOP)
@@ -389,6 +422,7 @@ class Batcher:
         if expired:
             self._m_rejected.labels(*self._mv, "timeout").inc(len(expired))
             self._fail(expired, RequestTimeout(_timeout_detail()))
+        live = self._prepare(live)
         if not live:
             return
         start = time.perf_counter()
@@ -412,6 +446,23 @@ class Batcher:
         self._m_batch.observe(len(live))
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / len(live)
         self._deliver([(item, result, False) for item, result in zip(live, results, strict=True)])
+
+    def _prepare(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Decode the images sent undecoded; one that fails goes back to its caller alone."""
+        ready: list[WorkItem] = []
+        failed: list[tuple[WorkItem, Any, bool]] = []
+        for item in items:
+            if item.prepare is not None:
+                try:
+                    item.input = item.prepare(item.input)
+                except Exception as exc:  # the caller maps it (bad image -> 4xx)
+                    failed.append((item, exc, True))
+                    continue
+                item.prepare = None
+            ready.append(item)
+        if failed:
+            self._deliver(failed)
+        return ready
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Run ``forward_fn``; on out-of-memory split the batch in halves and retry them."""

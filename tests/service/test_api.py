@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -90,6 +91,33 @@ def test_predict_jpeg_and_rgb_input(client: httpx.Client):
     assert response.status_code == 200, response.text
     response = client.post("/predict", files=files(digit_png(4, 64, mode="RGB")))
     assert response.status_code == 200, response.text
+
+
+def _preprocess_count(client: httpx.Client) -> float:
+    text = client.get("/metrics").text
+    return sum(
+        float(v) for v in re.findall(r"imgserve_preprocess_seconds_count\{[^}]*\} (\S+)", text)
+    )
+
+
+def test_lone_requests_and_concurrent_ones_get_the_same_answers(service: ServiceProcess):
+    """One at a time, each image is decoded on a free forward thread (no pool hand-off); under
+    concurrency the pool decodes and the batcher batches. Same probabilities either way, and
+    every decode is measured in ``imgserve_preprocess_seconds``."""
+    images = [digit_png(d) for d in DIGITS]
+    raw = {"content-type": "image/png"}
+    with service.client() as client:
+        before = _preprocess_count(client)
+        lone = [client.post("/predict", content=data, headers=raw).json() for data in images]
+    with ThreadPoolExecutor(len(images)) as pool, service.client() as client:
+        together = list(pool.map(lambda d: client.post("/predict", content=d, headers=raw), images))
+        after = _preprocess_count(client)
+    for alone, response in zip(lone, together, strict=True):
+        assert response.status_code == 200, response.text
+        (a,), (b,) = alone["predictions"], response.json()["predictions"]
+        assert a["class_id"] == b["class_id"]
+        assert a["confidence"] == pytest.approx(b["confidence"], abs=1e-5)
+    assert after - before == 2 * len(images)
 
 
 def test_multipart_images_are_answered_in_order_and_match_single_requests(client: httpx.Client):

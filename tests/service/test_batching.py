@@ -327,6 +327,72 @@ def test_a_fill_stops_when_the_next_image_is_slower_than_one_image_time():
     assert batcher.close(timeout=5)
 
 
+def _thread_name_of_decode(data: float) -> torch.Tensor:
+    if data < 0:
+        raise ValueError("not an image")
+    _thread_name_of_decode.threads.append(threading.current_thread().name)  # type: ignore[attr-defined]
+    return item(data)
+
+
+def test_an_idle_batcher_decodes_a_lone_image_on_its_forward_thread():
+    forward = RecordingForward()
+    batcher = make_batcher(forward, workers=2)
+    _thread_name_of_decode.threads = []  # type: ignore[attr-defined]
+
+    async def main():
+        assert batcher.idle()
+        return await batcher.infer([5.0], far(), prepare=_thread_name_of_decode)
+
+    (prediction,) = asyncio.run(main())
+    assert prediction.class_id == 5 % CLASSES
+    assert forward.batches == [[5.0]]
+    assert _thread_name_of_decode.threads[0].startswith("infer-")  # type: ignore[attr-defined]
+    assert batcher.idle()
+    assert batcher.close(timeout=5)
+
+
+def test_an_image_that_fails_to_decode_on_the_forward_thread_fails_alone():
+    forward = RecordingForward(delay=0.2)
+    batcher = make_batcher(forward, workers=2, helper_backlog=8)  # one forward thread in use
+    _thread_name_of_decode.threads = []  # type: ignore[attr-defined]
+
+    async def main():
+        busy = asyncio.ensure_future(batcher.infer([item(0)], far()))
+        await asyncio.sleep(0.05)  # the primary computes: the next two queue up together
+        bad = asyncio.ensure_future(batcher.infer([-1.0], far(), prepare=_thread_name_of_decode))
+        good = asyncio.ensure_future(batcher.infer([item(3)], far()))
+        return await asyncio.gather(busy, bad, good, return_exceptions=True)
+
+    busy, bad, good = asyncio.run(main())
+    assert isinstance(bad, ValueError)  # the decoder's own error, for the route to map to 4xx
+    assert good[0].class_id == 3 and busy[0].class_id == 0
+    assert forward.batches == [[0.0], [3.0]]
+    assert batcher.close(timeout=5)
+
+
+def test_a_batcher_is_not_idle_while_work_is_queued_announced_or_computed():
+    forward = RecordingForward(delay=0.3)
+    one_thread = make_batcher(forward, workers=1)
+    assert not one_thread.idle()  # no second thread to serve others during a slow decode
+    assert one_thread.close(timeout=5)
+    batcher = make_batcher(forward, workers=2, helper_backlog=8)
+
+    async def main():
+        announced = batcher.announce(1)
+        assert not batcher.idle()
+        batcher.withdraw(announced)
+        assert batcher.idle()
+        running = asyncio.ensure_future(batcher.infer([item(1)], far()))
+        await asyncio.sleep(0.1)
+        assert not batcher.idle()  # a forward is running
+        await running
+        assert batcher.idle()
+
+    asyncio.run(main())
+    assert batcher.close(timeout=5)
+    assert not batcher.idle()  # closed
+
+
 def test_worker_drops_items_whose_deadline_passed_while_queued():
     forward = RecordingForward()
     batcher = Batcher(forward, max_batch_size=8, max_queue=8, workers=1)  # worker not started yet
