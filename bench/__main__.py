@@ -52,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--concurrency", type=_ints, help="closed-loop levels, e.g. 1,8,32,64")
     run.add_argument("--open-loop", type=_floats, help="fractions of capacity, e.g. 0.5,0.9")
     run.add_argument("--open-loop-targets", type=_csv, help="targets that get open-loop points")
+    run.add_argument("--capacity-probes", type=_floats,
+                     help="fractions of the closed-loop best probed for the open-loop capacity, "
+                     "e.g. 1,0.85,0.7 ('' = the closed-loop best)")  # fmt: skip
     run.add_argument("--repeats", type=int, help="windows per point (median reported)")
     run.add_argument("--duration", type=float, help="seconds per window (all models)")
     run.add_argument("--warmup", type=float, help="warm-up seconds before each point")
@@ -102,6 +105,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
     for name, value in (
         ("models", args.models), ("targets", args.targets), ("concurrency", args.concurrency),
         ("open_loop", args.open_loop), ("open_loop_targets", args.open_loop_targets),
+        ("capacity_probes", args.capacity_probes),
         ("repeats", args.repeats), ("limit_batches", args.limit_batches), ("body", args.body),
         ("images_per_request", args.images_per_request), ("loadgen_procs", args.loadgen_procs),
         ("label", args.label),
@@ -170,6 +174,8 @@ def estimate_s(cfg: BenchConfig) -> float:
             points = len(cfg.concurrency)
             if target in cfg.open_loop_targets:
                 points += len(cfg.open_loop)
+                # the capacity probes: one window each, usually one or two of them
+                total += min(2, len(cfg.capacity_probes)) * (timing.warmup_s + timing.duration_s)
             total += startup[target] + points * point
     return total
 
@@ -203,6 +209,9 @@ def dry_run(cfg: BenchConfig) -> None:
                 continue
             loads = [f"C={c}" for c in cfg.concurrency]
             if target in cfg.open_loop_targets:
+                if cfg.capacity_probes:
+                    probes = "/".join(f"{f:.0%}" for f in cfg.capacity_probes)
+                    loads.append(f"open-loop capacity (first sustained of {probes} of the best)")
                 loads += [f"open {f:.0%} of capacity" for f in cfg.open_loop]
             print(f"    {target}: {', '.join(loads)}")
             if target == last_peer(cfg, model):

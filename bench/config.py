@@ -45,6 +45,11 @@ class BenchConfig:
     concurrency: tuple[int, ...] = (1, 8, 32, 64)
     open_loop: tuple[float, ...] = (0.5, 0.9)  # fractions of the measured capacity
     open_loop_targets: tuple[str, ...] = ("service",)
+    # the open-loop capacity: one window at each of these fractions of the best closed-loop
+    # req/s, highest first, until one is sustained (``report.overload_reason`` finds none);
+    # the closed loop's best is an upper bound that the open loop, whose batches form from
+    # arrivals, often cannot sustain (several T8 points at 90% of it were past capacity)
+    capacity_probes: tuple[float, ...] = (1.0, 0.85, 0.7, 0.55)
     repeats: int = 3
     # a window must hold many batch cycles: images complete a whole batch at a time, so a
     # 5 s window of ResNet-50 (a batch of 16 takes ~2.5 s per forward thread on 2 cores) could
@@ -137,6 +142,7 @@ def quick(**overrides: Any) -> BenchConfig:
         "model_targets": {},
         "concurrency": (1, 32),
         "open_loop": (0.9,),
+        "capacity_probes": (1.0, 0.8),
         "repeats": 1,
         "timing": {
             "r20": Timing(warmup_s=1.0, duration_s=2.0),

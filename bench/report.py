@@ -395,10 +395,17 @@ def ratios(models: dict[str, Any], c: int = 32) -> list[dict[str, Any]]:
             + _limit_note(limit["single_p50_runs"], 1000, 2),
             *_paired_latency(paired_figures(models[model])),
         )
-        out.append(_entry(
-            "T6", model, "C=1: service p50 / in-process single-image latency",
-            value, "<=", 1.15, detail,
-        ))  # fmt: skip
+        t6 = _entry("T6", model, "C=1: service p50 / in-process single-image latency",
+                    value, "<=", 1.15, detail)  # fmt: skip
+        floor = floor_point(models, 1)
+        if floor and floor.get("p50_s") and single:
+            # a service that added nothing but a minimal FastAPI round trip to the pipeline
+            t6["bound"] = (single + floor["p50_s"]) / single
+            t6["detail"] += (
+                f"; the HTTP floor's C=1 p50 ({floor['p50_s'] * 1000:.2f} ms) alone on top of "
+                f"the in-process latency -> {t6['bound']:.2f}"
+            )
+        out.append(t6)
     service_vs_limit("T7", "r50", 0.90)
     for model in models:
         point = open_point(models, model, "service", 0.9)
@@ -412,6 +419,12 @@ def ratios(models: dict[str, Any], c: int = 32) -> list[dict[str, Any]]:
             f"windows {windows or '-'}; medians p99 {fmt(point and point['p99_s'], 1000, 1)}"
             f" / p50 {fmt(point and point['p50_s'], 1000, 1)} ms",
         )  # fmt: skip
+        service = models.get(model, {}).get("targets", {}).get("service", {})
+        if service.get("capacity_probes"):
+            entry["detail"] += (
+                f"; capacity {service['capacity_req_s']:.1f} req/s (open-loop probe; closed-loop "
+                f"best {service['closed_capacity_req_s']:.1f})"
+            )
         past = overloaded(models, model, 0.9)
         if past is not None:  # a queue that only grows has p99 ~ p50: no pass for that
             entry.update({"pass": None, "verdict": "not valid: overloaded"})
@@ -435,12 +448,20 @@ def overloaded(models: dict[str, Any], model: str, fraction: float) -> str | Non
     point = open_point_whole(models, model, "service", fraction)
     if point is None:
         return None
-    m, rate = point["median"], point.get("rate")
-    if rate and m.get("req_s") is not None and m["req_s"] < OVERLOAD_SERVED * rate:
-        return f"served {m['req_s']:.1f} of {rate:.1f} req/s"
     one = closed_point(models, model, "service", 1)
-    if one and one.get("p50_s") and m.get("p50_s") and m["p50_s"] > OVERLOAD_P50 * one["p50_s"]:
-        return f"p50 {m['p50_s'] * 1000:.0f} ms, {m['p50_s'] / one['p50_s']:.0f}x the C=1 p50"
+    return overload_reason(point["median"], point.get("rate"), one and one.get("p50_s"))
+
+
+def overload_reason(
+    median: dict[str, Any], rate: float | None, c1_p50_s: float | None
+) -> str | None:
+    """Why an open-loop window at ``rate`` req/s was past capacity (``median``: its figures)."""
+    served = median.get("req_s")
+    if rate and served is not None and served < OVERLOAD_SERVED * rate:
+        return f"served {served:.1f} of {rate:.1f} req/s"
+    p50 = median.get("p50_s")
+    if c1_p50_s and p50 and p50 > OVERLOAD_P50 * c1_p50_s:
+        return f"p50 {p50 * 1000:.0f} ms, {p50 / c1_p50_s:.0f}x the C=1 p50"
     return None
 
 
@@ -614,6 +635,29 @@ def paired_tables(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def capacity_lines(data: dict[str, Any]) -> list[str]:
+    """How the open-loop capacity was found: the probes below the closed loop's best."""
+    lines = []
+    for target, result in data.get("targets", {}).items():
+        probes = result.get("capacity_probes")
+        if not probes:
+            continue
+        tried = "; ".join(
+            f"{p['fraction']:.0%} ({p['rate']:.1f}/s): served {fmt(p['median'].get('req_s'))}, "
+            f"p50 {fmt(p['median'].get('p50_s'), 1000, 0)} ms"
+            + (f", past capacity ({p['overloaded']})" if p.get("overloaded") else ", sustained")
+            for p in probes
+        )  # fmt: skip
+        lines += [
+            f"Open-loop capacity of {target}: one window at fractions of its best closed-loop "
+            f"{result['closed_capacity_req_s']:.1f} req/s until one is sustained: {tried}. "
+            f"Capacity {result['capacity_req_s']:.1f} req/s; the open-loop points are "
+            "fractions of it.",
+            "",
+        ]
+    return lines
+
+
 def model_table(key: str, data: dict[str, Any], gpu: bool) -> list[str]:
     timing = data.get("timing", {})
     duration = float(timing.get("duration_s", 0))
@@ -653,6 +697,7 @@ def model_table(key: str, data: dict[str, Any], gpu: bool) -> list[str]:
     elif after:
         lines += [f"LIMIT after the service: {after.get('error') or after.get('skipped')}", ""]
     lines += paired_tables(data)
+    lines += capacity_lines(data)
     head = ("| target | load | req/s | img/s | p50 ms | p95 ms | p99 ms | max ms | errors | "
             "mean batch | server CPU s | server CPU ms/req | loadgen CPU s |")  # fmt: skip
     sep = "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"

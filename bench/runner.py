@@ -24,7 +24,7 @@ from typing import Any
 from . import archives, images, report, targets
 from .config import PEER_MODEL, BenchConfig, Timing
 from .gpu import GpuSampler
-from .report import describe_batch, fmt, ratio
+from .report import describe_batch, fmt, overload_reason, ratio
 
 MEDIAN_KEYS = (
     "req_s", "img_s", "p50_s", "p95_s", "p99_s", "max_s", "mean_s", "mean_batch",
@@ -102,6 +102,33 @@ def torchserve_config(target: str) -> tuple[int, int | None]:
     workers = int(match[1])
     omp = int(match[2]) if match[2] else (1 if workers > 1 else None)
     return workers, omp
+
+
+def open_loop_capacity(
+    closed_req_s: float,
+    fractions: tuple[float, ...],
+    c1_p50_s: float | None,
+    measure: Callable[[float], dict[str, Any]],
+) -> tuple[float, list[dict[str, Any]]]:
+    """The highest probed rate the target sustains in an open loop, and every probe.
+
+    ``measure(rate)`` runs one open-loop window and returns its figures; probes go from the
+    highest fraction of the closed loop's best down and stop at the first one that is not past
+    capacity (``report.overload_reason``). With no fractions, or none sustained, the closed
+    loop's best or the lowest rate probed is the capacity (the points at fractions of it are
+    then judged for overload as before).
+    """
+    probes: list[dict[str, Any]] = []
+    for fraction in sorted(fractions, reverse=True):
+        rate = closed_req_s * fraction
+        median = measure(rate)
+        reason = overload_reason(median, rate, c1_p50_s)
+        keep = ("req_s", "p50_s", "p99_s", "mean_batch", "error_count")
+        probes.append({"fraction": fraction, "rate": rate, "overloaded": reason,
+                       "median": {k: median.get(k) for k in keep}})  # fmt: skip
+        if reason is None:
+            return rate, probes
+    return (probes[-1]["rate"] if probes else closed_req_s), probes
 
 
 def warmed(timing: Timing, concurrency: int, rate: float | None) -> Timing:
@@ -401,8 +428,22 @@ class Runner:
             closed = [p for p in result["points"] if p["median"]["req_s"]]
             if target in self.cfg.open_loop_targets and closed:
                 best = max(closed, key=lambda p: p["median"]["req_s"])
-                capacity = best["median"]["req_s"]
+                one = next((p for p in closed if p["concurrency"] == 1), None)
+                result["closed_capacity_req_s"] = best["median"]["req_s"]
+
+                def probe(rate: float) -> dict[str, Any]:
+                    point = self.measure(endpoint, timing, repeats=1, mode="open", rate=rate,
+                                         max_connections=max(64, 4 * max(self.cfg.concurrency)))  # fmt: skip
+                    self.log(f"{key}: {target} capacity probe {rate:.1f}/s: served "
+                             f"{point['median']['req_s'] or 0:.1f}/s")  # fmt: skip
+                    return point["median"]
+
+                capacity, probes = open_loop_capacity(
+                    best["median"]["req_s"], self.cfg.capacity_probes,
+                    one and one["median"]["p50_s"], probe,
+                )  # fmt: skip
                 result["capacity_req_s"] = capacity
+                result["capacity_probes"] = probes
                 for fraction in self.cfg.open_loop:
                     point = self.measure(
                         endpoint, timing, mode="open", rate=capacity * fraction,

@@ -31,7 +31,7 @@ from bench.loadgen import (
     percentile,
     summarize,
 )
-from bench.runner import Runner, median_of, warmed
+from bench.runner import Runner, median_of, open_loop_capacity, warmed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -383,6 +383,47 @@ def test_an_overloaded_open_loop_point_is_no_t8_pass() -> None:
     assert text.count("not valid: overloaded") == 2
 
 
+def test_the_open_loop_capacity_is_the_highest_probe_the_service_sustains() -> None:
+    # this server completes at most 80 req/s; past that its queue (and p50) grows
+    def measure(rate: float) -> dict:
+        return {"req_s": min(rate, 80.0), "p50_s": 0.02 if rate <= 80 else 1.5, "p99_s": 0.05}
+
+    capacity, probes = open_loop_capacity(100.0, (0.7, 1.0, 0.85, 0.55), 0.01, measure)
+    assert capacity == pytest.approx(70.0)  # 100 and 85 req/s were past capacity; 55 not tried
+    assert [p["fraction"] for p in probes] == [1.0, 0.85, 0.7]
+    assert probes[0]["overloaded"] == "served 80.0 of 100.0 req/s"
+    assert probes[1]["overloaded"] == "served 80.0 of 85.0 req/s"
+    assert probes[2]["overloaded"] is None
+    slow_p50 = open_loop_capacity(79.0, (1.0,), 0.1, measure)[1][0]
+    assert slow_p50["overloaded"] is None  # kept the rate with a p50 under 10x the C=1 p50
+    # nothing sustained: the lowest rate probed; no probes: the closed loop's best
+    assert open_loop_capacity(200.0, (1.0, 0.5), 0.01, measure)[0] == pytest.approx(100.0)
+    assert open_loop_capacity(100.0, (), 0.01, measure) == (100.0, [])
+    data = {"targets": {"service": {"closed_capacity_req_s": 100.0, "capacity_req_s": capacity,
+                                    "capacity_probes": probes, "points": []}}}  # fmt: skip
+    text = "\n".join(report.model_table("r18", data, gpu=False))
+    assert "Open-loop capacity of service" in text
+    assert "85% (85.0/s): served 80.0, p50 1500 ms, past capacity" in text
+    assert "70% (70.0/s): served 70.0, p50 20 ms, sustained. Capacity 70.0 req/s" in text
+
+
+def test_t6_shows_what_the_http_floor_alone_would_cost() -> None:
+    models = {
+        "r20": {
+            "limit": {"img_s": 600.0, "single": {"p50_s": 0.004}},
+            "targets": {
+                "service": {"points": [_c1(0.006)]},
+                "http-floor": {"points": [{"mode": "closed", "concurrency": 1,
+                                           "median": {"req_s": 1600.0, "p50_s": 0.0006}}]},
+            },
+        },
+    }  # fmt: skip
+    [t6] = [e for e in report.ratios(models) if e["id"] == "T6"]
+    assert t6["value"] == pytest.approx(1.5)
+    assert t6["bound"] == pytest.approx(1.15)  # (4 + 0.6) / 4: the budget, with nothing else
+    assert "HTTP floor's C=1 p50 (0.60 ms)" in t6["detail"]
+
+
 def test_the_ceiling_adds_the_http_floor_to_the_limits_cpu_per_image() -> None:
     windows = [{"images": 600, "cpu_s": 1.8}, {"images": 600, "cpu_s": 1.8}]  # 3 ms per image
     models = {
@@ -531,6 +572,9 @@ def test_short_run_against_the_real_service(bench_cache: Path, tmp_path: Path) -
         assert m["server_cpu_s"] > 0
         assert m["loadgen_cpu_s"] > 0
     assert service["points"][0]["median"]["mean_batch"] == 1.0  # C=1: one image per forward
+    assert service["capacity_probes"]  # the open-loop rate is a fraction of a probed capacity
+    assert 0 < service["capacity_req_s"] <= service["closed_capacity_req_s"]
+    assert service["points"][-1]["rate"] == pytest.approx(0.9 * service["capacity_req_s"])
     naive = r20["targets"]["naive"]["points"]
     assert all(p["median"]["req_s"] > 0 and p["median"]["error_count"] == 0 for p in naive)
     ids = {(e["id"], e["model"]) for e in result["ratios"] if e["pass"] is not None}
@@ -549,6 +593,7 @@ def test_short_run_against_the_real_service(bench_cache: Path, tmp_path: Path) -
     assert "| service | C=32 |" in text
     assert "| T4 | r20 |" in text
     assert "Paired rounds (T1/T4/T6/T7)" in text
+    assert "Open-loop capacity of service" in text
     assert not _ours(bench_cache), "the run left processes behind"
 
 
