@@ -28,6 +28,7 @@ from .api.deps import API_KEY_SCHEME, ExplainLimiter
 from .api.errors import install_error_handlers
 from .api.responses import JSONBytesResponse
 from .api.routes import explain, health, models, predict, web
+from .inference import cpu_has_native_bf16
 from .metrics import Metrics, MetricsMiddleware
 from .registry import Registry
 from .settings import Settings, get_settings
@@ -55,6 +56,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.model_store, settings.torch_device, settings.max_batch_size,
             settings.threads, settings.pool_threads, active_allocator(),
         )  # fmt: skip
+        cpu_bf16 = settings.precision == "bf16" and settings.torch_device == "cpu"
+        if cpu_bf16 and not cpu_has_native_bf16():
+            log.warning("PRECISION=bf16 on a CPU without AVX512-BF16 or AMX: bf16 is emulated "
+                        "there and usually slower than fp32")  # fmt: skip
         loader = asyncio.create_task(_load_store(registry), name="load-model-store")
         app.state.loader = loader
         try:

@@ -34,7 +34,9 @@ class Settings(BaseSettings):
     default_model: str | None = Field(None, description="default model name; else the newest")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]{1,2})?)$")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="autocast dtype on CUDA (auto = bf16 if supported, else fp16)"
+        "auto",
+        description="autocast dtype: on CUDA auto = bf16 if supported, else fp16; on a CPU "
+        "auto = fp32 and bf16 is the opt-in (fast on CPUs with AVX512-BF16 or AMX)",
     )
     channels_last: bool | None = Field(
         None, description="channels_last memory format (default: on; measured faster on CPU too)"
@@ -119,6 +121,12 @@ class Settings(BaseSettings):
             index = int(self.device.partition(":")[2] or 0)
             if index >= torch.cuda.device_count():
                 raise ValueError(f"DEVICE={self.device} but only {torch.cuda.device_count()} GPUs")
+        return self
+
+    @model_validator(mode="after")
+    def _check_precision(self) -> Settings:
+        if self.precision == "fp16" and not self.torch_device.startswith("cuda"):
+            raise ValueError("PRECISION=fp16 needs a CUDA device; on a CPU use bf16")
         return self
 
     @property

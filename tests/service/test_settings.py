@@ -89,3 +89,21 @@ def test_cuda_device_without_cuda_is_refused(monkeypatch: pytest.MonkeyPatch):
     with pytest.raises(ValidationError) as info:
         Settings()
     assert "CUDA is not available" in describe_error(info.value)
+
+
+def test_fp16_needs_cuda_and_bf16_is_the_cpu_opt_in(monkeypatch: pytest.MonkeyPatch):
+    import torch
+
+    from service.inference import resolve_precision
+
+    monkeypatch.setenv("DEVICE", "cpu")
+    monkeypatch.setenv("PRECISION", "fp16")
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    assert "PRECISION=fp16 needs a CUDA device; on a CPU use bf16" in describe_error(info.value)
+    monkeypatch.setenv("PRECISION", "bf16")
+    assert Settings().precision == "bf16"
+    cpu = torch.device("cpu")
+    assert resolve_precision("bf16", cpu) is torch.bfloat16
+    assert resolve_precision("auto", cpu) is None  # fp32: the answers the trainer evaluated
+    assert resolve_precision("fp32", cpu) is None
