@@ -327,26 +327,32 @@ def test_a_fill_stops_when_the_next_image_is_slower_than_one_image_time():
     assert batcher.close(timeout=5)
 
 
-def _thread_name_of_decode(data: float) -> torch.Tensor:
-    if data < 0:
-        raise ValueError("not an image")
-    _thread_name_of_decode.threads.append(threading.current_thread().name)  # type: ignore[attr-defined]
-    return item(data)
+class RecordingDecode:
+    """``prepare`` for tests: a number -> its tensor (negative: not an image); records threads."""
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def __call__(self, data: float) -> torch.Tensor:
+        if data < 0:
+            raise ValueError("not an image")
+        self.threads.append(threading.current_thread().name)
+        return item(data)
 
 
 def test_an_idle_batcher_decodes_a_lone_image_on_its_forward_thread():
     forward = RecordingForward()
     batcher = make_batcher(forward, workers=2)
-    _thread_name_of_decode.threads = []  # type: ignore[attr-defined]
+    decode = RecordingDecode()
 
     async def main():
         assert batcher.idle()
-        return await batcher.infer([5.0], far(), prepare=_thread_name_of_decode)
+        return await batcher.infer([5.0], far(), prepare=decode)
 
     (prediction,) = asyncio.run(main())
     assert prediction.class_id == 5 % CLASSES
     assert forward.batches == [[5.0]]
-    assert _thread_name_of_decode.threads[0].startswith("infer-")  # type: ignore[attr-defined]
+    assert decode.threads[0].startswith("infer-")
     assert batcher.idle()
     assert batcher.close(timeout=5)
 
@@ -354,12 +360,11 @@ def test_an_idle_batcher_decodes_a_lone_image_on_its_forward_thread():
 def test_an_image_that_fails_to_decode_on_the_forward_thread_fails_alone():
     forward = RecordingForward(delay=0.2)
     batcher = make_batcher(forward, workers=2, helper_backlog=8)  # one forward thread in use
-    _thread_name_of_decode.threads = []  # type: ignore[attr-defined]
 
     async def main():
         busy = asyncio.ensure_future(batcher.infer([item(0)], far()))
         await asyncio.sleep(0.05)  # the primary computes: the next two queue up together
-        bad = asyncio.ensure_future(batcher.infer([-1.0], far(), prepare=_thread_name_of_decode))
+        bad = asyncio.ensure_future(batcher.infer([-1.0], far(), prepare=RecordingDecode()))
         good = asyncio.ensure_future(batcher.infer([item(3)], far()))
         return await asyncio.gather(busy, bad, good, return_exceptions=True)
 
