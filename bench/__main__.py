@@ -164,8 +164,10 @@ def estimate_s(cfg: BenchConfig) -> float:
                 if cfg.paired_rounds and "service" in cfg.targets_for(model):
                     window = timing.warmup_s + timing.duration_s
                     # per round: a LIMIT process (one configuration + single), a service
-                    # start-up and its C=1 and C=32 windows
+                    # start-up and its C=1 and C=32 windows (+ the floor app's C=1 window)
                     total += cfg.paired_rounds * (15 + 2 * window + startup["service"] + 2 * window)
+                    if "http-floor" in cfg.targets:
+                        total += cfg.paired_rounds * (startup["http-floor"] + window)
                 continue
             if target.startswith("torchserve") and target == last_peer(cfg, model):
                 window = timing.warmup_s + timing.duration_s
@@ -203,9 +205,11 @@ def dry_run(cfg: BenchConfig) -> None:
                 batches = sorted({*cfg.limit_batches, cfg.max_batch_size()})
                 print(f"    limit: pipelined batches {batches} + single-image latency")
                 if cfg.paired_rounds and "service" in cfg.targets_for(model):
+                    floor = ("the floor app around a job of the single-image time (C=1), "
+                             if "http-floor" in cfg.targets else "")  # fmt: skip
                     print(f"    paired (after the service): {cfg.paired_rounds} rounds of the "
-                          "LIMIT's best configuration + single, and a fresh service at C=1 "
-                          "and C=32, back to back")  # fmt: skip
+                          f"LIMIT's best configuration + single, {floor}and a fresh service at "
+                          "C=1 and C=32, back to back")  # fmt: skip
                 continue
             loads = [f"C={c}" for c in cfg.concurrency]
             if target in cfg.open_loop_targets:

@@ -10,6 +10,7 @@ goes on; every process started is killed by pid at the end, whatever happened.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import statistics
@@ -321,15 +322,26 @@ class Runner:
         in even rounds and the service first in odd ones, so a host that drifts during the
         round shifts both sides alike. ``config`` is the LIMIT's best configuration from its
         full sweep: fixed here, so the paired LIMIT is not a maximum over noisy configurations.
+
+        With ``http-floor`` among the targets, each round also measures the floor app's C=1 p50
+        around an off-loop CPU job of that round's single-image p50, right after the LIMIT
+        (``/predict-job``): T6's bound, what a bare FastAPI app computing off the loop answers in.
         """
         cfg = self.cfg
         batch, _, threads = str(config).partition("x")
         timing = cfg.timing_for(key)
         rounds = []
         for index in range(cfg.paired_rounds):
-            sides = ("limit", "service") if index % 2 == 0 else ("service", "limit")
-            entry: dict[str, Any] = {"order": list(sides)}
+            sides = ["limit", "service"] if index % 2 == 0 else ["service", "limit"]
+            if "http-floor" in cfg.targets:
+                sides.insert(sides.index("limit") + 1, "floor-job")
+            entry: dict[str, Any] = {"order": sides}
             for side in sides:
+                if side == "floor-job":
+                    entry["floor_job"] = self._floor_job(
+                        archive, timing, entry["limit"]["single_p50_s"]
+                    )
+                    continue
                 if side == "limit":
                     raw = self._limit_child(
                         key, archive, batch_sizes=[int(batch)],
@@ -354,6 +366,8 @@ class Runner:
             service, limit = entry["service"], entry["limit"]
             entry["throughput_ratio"] = ratio(service[f"c{PAIRED_C}"]["img_s"], limit["img_s"])
             entry["latency_ratio"] = ratio(service["c1"]["p50_s"], limit["single_p50_s"])
+            if "floor_job" in entry:
+                entry["floor_job_ratio"] = ratio(entry["floor_job"]["p50_s"], limit["single_p50_s"])
             rounds.append(entry)
             self.log(
                 f"{key}: paired round {index + 1}: service C={PAIRED_C} "
@@ -361,8 +375,21 @@ class Runner:
                 f"img/s = {fmt(entry['throughput_ratio'], 1, 2)}; C=1 p50 "
                 f"{fmt(service['c1']['p50_s'], 1000)} / single {fmt(limit['single_p50_s'], 1000)} "
                 f"ms = {fmt(entry['latency_ratio'], 1, 2)}"
+                + (
+                    f"; floor + job p50 {fmt(entry['floor_job']['p50_s'], 1000)} ms = "
+                    f"{fmt(entry['floor_job_ratio'], 1, 2)}"
+                    if "floor_job" in entry
+                    else ""
+                )
             )
         return {"config": str(config), "concurrency": PAIRED_C, "rounds": rounds}
+
+    def _floor_job(self, archive: Path, timing: Timing, job_s: float) -> dict[str, Any]:
+        """The floor app at C=1 around a ``job_s`` CPU job on a thread (bench/floor_app.py)."""
+        with targets.http_floor(self.logs / archive.stem, self.tracker) as endpoint:
+            endpoint = dataclasses.replace(endpoint, path=f"/predict-job?ms={job_s * 1000:.3f}")
+            one = self.measure(endpoint, timing, mode="closed", concurrency=1, repeats=1)
+        return {"job_s": job_s, "p50_s": one["median"]["p50_s"], "req_s": one["median"]["req_s"]}
 
     def run_paired_peer(
         self, key: str, archive: Path, card: Any, peer: str, result: dict[str, Any]

@@ -424,6 +424,61 @@ def test_t6_shows_what_the_http_floor_alone_would_cost() -> None:
     assert "HTTP floor's C=1 p50 (0.60 ms)" in t6["detail"]
 
 
+def test_t6_bound_is_the_floor_app_around_the_same_job_in_the_paired_rounds() -> None:
+    rounds = [_round(("limit", "service"), (500.0, 0.0060), (700.0, 0.0040)),
+              _round(("service", "limit"), (480.0, 0.0066), (690.0, 0.0044)),
+              _round(("limit", "service"), (510.0, 0.0058), (720.0, 0.0040))]  # fmt: skip
+    for r, floor_p50 in zip(rounds, (0.0052, 0.0060, 0.0056), strict=True):
+        r["order"].insert(r["order"].index("limit") + 1, "floor-job")
+        r["floor_job"] = {"job_s": r["limit"]["single_p50_s"], "p50_s": floor_p50}
+        r["floor_job_ratio"] = floor_p50 / r["limit"]["single_p50_s"]
+    models = {
+        "r20": {
+            "limit": {"img_s": 700.0, "best_batch": "16x2", "single": {"p50_s": 0.004}},
+            "paired": {"config": "16x2", "concurrency": 32, "rounds": rounds},
+            "targets": {
+                "service": {"points": [_c1(0.006)]},
+                "http-floor": {"points": [{"mode": "closed", "concurrency": 1,
+                                           "median": {"req_s": 3000.0, "p50_s": 0.0003}}]},
+            },
+        },
+    }  # fmt: skip
+    [t6] = [e for e in report.ratios(models) if e["id"] == "T6"]
+    assert t6["value"] == pytest.approx(1.5)  # median of 1.5, 1.5, 1.45
+    # median of 1.30, 1.36, 1.40: the floor around the job, not the bare floor's (4 + 0.3) / 4
+    assert t6["bound"] == pytest.approx(0.0060 / 0.0044)
+    assert (
+        "off-loop CPU job of the single-image p50: 5.20/4.00, 6.00/4.40, 5.60/4.00 ms"
+        in (t6["detail"])
+    )
+    text = "\n".join(report.model_table("r20", {**models["r20"], "targets": {}, "limit": {
+        **models["r20"]["limit"], "settings": {}}}, gpu=False))  # fmt: skip
+    assert "| 2 | service then limit then floor-job | 480.0 | 690.0 | 0.70 | 6.60 | 4.40 | 1.50 " \
+           "| 6.00 | 1.36 |" in text  # fmt: skip
+    assert "`/predict-job`" in text
+
+
+def test_the_floor_apps_job_takes_its_time_on_a_thread(tmp_path: Path) -> None:
+    import httpx
+
+    from bench import targets
+    from bench.floor_app import cpu_job
+
+    assert cpu_job(0.0) == 0
+    tracker = targets.Tracker()
+    try:
+        with targets.http_floor(tmp_path, tracker) as floor:
+            url = f"http://127.0.0.1:{floor.port}"
+            start = time.perf_counter()
+            answer = httpx.post(f"{url}/predict-job?ms=30", content=b"x" * 1000, timeout=30)
+            assert time.perf_counter() - start >= 0.030
+            assert answer.status_code == 200 and answer.json()["bytes"] == 1000
+            assert httpx.post(f"{url}/predict-job?ms=-1", content=b"x").status_code == 422
+            assert httpx.post(f"{url}/predict", content=b"abc").json()["bytes"] == 3
+    finally:
+        assert tracker.kill_all() == []  # the context stopped it already
+
+
 def test_the_ceiling_adds_the_http_floor_to_the_limits_cpu_per_image() -> None:
     windows = [{"images": 600, "cpu_s": 1.8}, {"images": 600, "cpu_s": 1.8}]  # 3 ms per image
     models = {
@@ -554,9 +609,11 @@ def test_short_run_against_the_real_service(bench_cache: Path, tmp_path: Path) -
     r20 = result["models"]["r20"]
     assert r20["limit"]["img_s"] > 0
     assert r20["limit"]["single"]["p50_s"] > 0
-    [paired] = r20["paired"]["rounds"]  # the LIMIT and a fresh service back to back
-    assert paired["order"] == ["limit", "service"]
+    [paired] = r20["paired"]["rounds"]  # the LIMIT, the floor around its job, a fresh service
+    assert paired["order"] == ["limit", "floor-job", "service"]
     assert paired["limit"]["img_s"] > 0 and paired["limit"]["single_p50_s"] > 0
+    assert paired["floor_job"]["job_s"] == paired["limit"]["single_p50_s"]
+    assert paired["floor_job"]["p50_s"] >= paired["floor_job"]["job_s"]  # the job is in it
     assert paired["service"]["c32"]["img_s"] > 0 and paired["service"]["c1"]["p50_s"] > 0
     assert paired["throughput_ratio"] == pytest.approx(
         paired["service"]["c32"]["img_s"] / paired["limit"]["img_s"]
