@@ -13,7 +13,8 @@ current one, so this is the best the service's pipeline can do on this machine.
 Measurements (each a warm-up, then ``repeats`` windows of ``duration_s``):
 - ``pipelined`` at each batch size asked for: images/s, the forward time per batch;
   (``forward_threads`` in the spec restricts which forward-thread counts are measured);
-- ``single``: one image at a time on one thread (decode, preprocess, forward of a batch of 1),
+- ``single``: one image at a time on one thread (decode, preprocess, forward of a batch of 1
+  with the service's ``LONE_IMAGE_THREADS``, as the service computes a lone image),
   the in-process single-image latency that the service's C=1 latency is compared with.
 """
 
@@ -212,6 +213,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 "torch_threads": torch.get_num_threads(),
                 "allocator": active_allocator(),
                 "preprocess_threads": settings.pool_threads,
+                "lone_threads": entry.batcher.lone_threads,
                 "forward_workers": workers,
                 "device": str(entry.runner.device),
                 "precision": entry.runner.precision_name,
@@ -236,8 +238,13 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
             if spec.get("single", True):
+                from service.batching import intra_op_threads
+
                 latencies: list[float] = []
-                windows = _windows(single(entry, images, latencies), warmup_s, duration_s, repeats)
+                # as the service computes a lone image (LONE_IMAGE_THREADS)
+                with intra_op_threads(entry.batcher.lone_threads):
+                    step = single(entry, images, latencies)
+                    windows = _windows(step, warmup_s, duration_s, repeats)
                 # the warm-up's latencies come first, then each window's in order
                 offset = len(latencies) - int(sum(w["images"] for w in windows))
                 measured = latencies[offset:]

@@ -22,6 +22,11 @@ the first decoded image started a forward of its own (ResNet-50 C=32: 14.3 -> 17
 time still split cohorts whose decoding took longer than that: ResNet-18 C=32 mean batch
 10.7 -> 13.9 and ResNet-20 C=32 350 -> 380 img/s with the rolling wait (bench compare, README).
 
+Lone images (``lone_threads``, ``LONE_IMAGE_THREADS``): a forward of one image while nothing
+else is queued, decoding or computing runs with every core's torch thread, since the other
+cores would idle (ResNet-50 C=1 p50 142 -> 105 ms on 2 cores). If another image arrives during
+such a forward, none goes wide for ``WIDE_PAUSE_S``: under load the threads would fight.
+
 Guarantees:
 - admission is all-or-nothing per request; a full queue answers ``QueueFull`` (503) at once;
 - images whose request passed its deadline, or whose caller went away, are dropped before
@@ -43,7 +48,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,6 +150,26 @@ class _NoMetrics:
 _NO_METRICS = _NoMetrics()
 FILL_POLL_S = 0.004  # how often a forward waiting for announced images rechecks them
 FILL_MAX_IMAGES = 4  # a fill waits at most this many images' forward time in all
+WIDE_PAUSE_S = 1.0  # no wide forward for this long after one that other images arrived during
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch intra-op threads on this thread, then restore.
+
+    With OpenMP the count applies to the calling thread's parallel regions only; torch's
+    process default changes for the block as well, which only threads that have not yet run
+    a torch op would pick up: the workers and the preprocessing pool set their own at start.
+    """
+    before = torch.get_num_threads()
+    if count == before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Batcher:
@@ -164,9 +189,14 @@ class Batcher:
         metric_labels: tuple[str, str] = ("model", "0"),
         workers: int = 1,
         helper_backlog: int = 1,
+        threads: int | None = None,
+        lone_threads: int = 1,
+        lone_example: torch.Tensor | None = None,
     ) -> None:
-        if min(max_batch_size, max_queue, workers, helper_backlog) < 1:
-            raise ValueError("max_batch_size, max_queue, workers and helper_backlog must be >= 1")
+        if min(max_batch_size, max_queue, workers, helper_backlog, lone_threads) < 1:
+            raise ValueError(
+                "max_batch_size, max_queue, workers, helper_backlog and lone_threads must be >= 1"
+            )
         self.forward_fn = forward_fn
         self.stack_fn = stack_fn
         self.max_batch_size = max_batch_size
@@ -191,6 +221,17 @@ class Batcher:
         self._seconds_per_image = 0.01  # moving average, for Retry-After
         self.workers = workers  # the primary and workers - 1 helpers
         self._helper_backlog = helper_backlog  # images waiting before a helper starts
+        # torch intra-op threads: ``threads`` for every batch (each worker sets its own, since
+        # OpenMP's count is per calling thread), ``lone_threads`` for one image computed while
+        # nothing else is queued, decoding or computing (the other cores are idle then), after
+        # a warm-up forward of ``lone_example`` by each worker (its first wide forward pays
+        # for a new OpenMP team: ResNet-18 44 vs 28 ms)
+        self._base_threads = threads
+        self.lone_threads = lone_threads
+        self._arrivals = 0  # images submitted or announced so far (a wide forward's check)
+        self._wide_after = 0.0  # time.monotonic() before which no forward goes wide
+        self._lone_example = lone_example
+        self._warmed = threading.Barrier(workers + 1)
         self._threads = [
             threading.Thread(
                 target=self._run, args=(index > 0,), daemon=True,
@@ -240,8 +281,22 @@ class Batcher:
         )  # fmt: skip
 
     def start(self) -> None:
+        """Start the workers; returns once each has set its threads and warmed up."""
         for thread in self._threads:
             thread.start()
+        self._warmed.wait()
+
+    def _prepare_thread(self) -> None:
+        try:
+            if self._base_threads is not None:
+                torch.set_num_threads(self._base_threads)
+            if self.lone_threads > 1 and self._lone_example is not None:
+                with intra_op_threads(self.lone_threads):
+                    self.forward_fn(self.stack_fn([self._lone_example]))
+        except Exception:  # a failing warm-up is the first request's problem, not start()'s
+            log.exception("inference worker %s: warm-up failed", self.name)
+        finally:
+            self._warmed.wait()
 
     def announce(self, count: int) -> Announced:
         """Count ``count`` images as being decoded for this batcher until they are submitted.
@@ -251,6 +306,7 @@ class Batcher:
         """
         with self._lock:
             self._incoming += count
+            self._arrivals += count
         return Announced(self, count)
 
     def withdraw(self, announced: Announced | None) -> None:
@@ -292,6 +348,7 @@ class Batcher:
                     retry_after=math.ceil(wait),
                 )
             self._pending += count
+            self._arrivals += count
             now = time.monotonic()
             futures = []
             for tensor in inputs:
@@ -337,6 +394,7 @@ class Batcher:
     # -- worker side (own thread) -------------------------------------------------------------
 
     def _run(self, helper: bool = False) -> None:
+        self._prepare_thread()
         while True:
             if helper:
                 if not self._wait_for_backlog():
@@ -425,10 +483,13 @@ class Batcher:
         live = self._prepare(live)
         if not live:
             return
+        wide = self.lone_threads > 1 and len(live) == 1 and self._alone()
+        arrivals = self._arrivals
         start = time.perf_counter()
         try:
-            batch = self.stack_fn([item.input for item in live])
-            probs = self._forward(batch)
+            with intra_op_threads(self.lone_threads) if wide else contextlib.nullcontext():
+                batch = self.stack_fn([item.input for item in live])
+                probs = self._forward(batch)
             if probs.ndim != 2 or probs.shape[0] != len(live):
                 raise RuntimeError(
                     f"forward returned shape {tuple(probs.shape)} for {len(live)} inputs"
@@ -444,8 +505,20 @@ class Batcher:
             self.batches_run += 1
         self._m_forward.observe(elapsed)
         self._m_batch.observe(len(live))
-        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / len(live)
+        if not wide:  # the fill and Retry-After reckon with forwards sharing the cores
+            self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / len(live)
+        elif self._arrivals != arrivals:
+            # an image came while this one had every core: its decode and forward fought the
+            # wide forward's threads (ResNet-50 C=8 without this pause: 16.6 -> 13.9 img/s)
+            self._wide_after = time.monotonic() + WIDE_PAUSE_S
         self._deliver([(item, result, False) for item, result in zip(live, results, strict=True)])
+
+    def _alone(self) -> bool:
+        """This worker's batch is the only work (nothing queued, decoding or computing), and
+        no recent wide forward met other images."""
+        with self._lock:
+            quiet = self._busy <= 1 and self._pending == 0 and self._incoming == 0
+        return quiet and time.monotonic() >= self._wide_after
 
     def _prepare(self, items: list[WorkItem]) -> list[WorkItem]:
         """Decode the images sent undecoded; one that fails goes back to its caller alone."""

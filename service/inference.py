@@ -149,6 +149,24 @@ def use_torchscript(mode: str, input_size: Sequence[int]) -> bool:
     return mode == "on"
 
 
+def lone_image_threads(
+    configured: int | None, cores: int, threads: int, input_size: Sequence[int]
+) -> int:
+    """Torch threads for a forward of one image while the other cores are idle.
+
+    ``configured`` (``LONE_IMAGE_THREADS``) if set, else ``cores`` for inputs over
+    ``TRACE_MAX_PIXELS`` and ``threads`` (no change) for smaller ones. Measured on 2 cores, in
+    alternating ``bench compare`` rounds against the service without it: C=1 p50 53 -> 40 ms
+    (ResNet-18) and 142 -> 105 ms (ResNet-50), but 6.2 -> 7.4 ms for ResNet-20 at 32x32, whose
+    3 ms forward gains less from a second core than the core's OpenMP thread, spinning after
+    the forward, costs the event loop and the client.
+    """
+    if configured is not None:
+        return configured
+    pixels = int(input_size[0]) * int(input_size[1])
+    return cores if pixels > TRACE_MAX_PIXELS else threads
+
+
 class _Probabilities(nn.Module):
     """network -> temperature-scaled softmax, so the traced graph includes the head ops too."""
 

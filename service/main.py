@@ -49,7 +49,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _configure_torch(settings)
-        app.state.pool = ThreadPoolExecutor(settings.pool_threads, thread_name_prefix="preprocess")
+        # each pool thread fixes its torch threads at start (see batching.intra_op_threads)
+        app.state.pool = ThreadPoolExecutor(
+            settings.pool_threads, thread_name_prefix="preprocess",
+            initializer=torch.set_num_threads, initargs=(settings.threads,),
+        )  # fmt: skip
         log.info(
             "model store %s, device %s, max batch %d, %d torch threads, %d preprocess threads, "
             "%s allocator",

@@ -38,7 +38,7 @@ from trainer.archive import (
 
 from .batching import Batcher
 from .errors import Conflict, InvalidRequest, NotFound, Unavailable
-from .inference import ModelRunner, Preprocessor, use_torchscript
+from .inference import ModelRunner, Preprocessor, lone_image_threads, use_torchscript
 from .metrics import Metrics
 from .settings import Settings
 
@@ -354,12 +354,19 @@ class Registry:
             preprocessor = Preprocessor(card, max_pixels=settings.max_image_pixels)
             _warm_preprocessor(preprocessor)
             mv = (card.name, str(card.version))
+            lone = settings.threads  # on a GPU the forward's CPU side needs no more
+            if runner.device.type == "cpu":
+                lone = lone_image_threads(
+                    settings.lone_image_threads, settings.lone_threads, settings.threads,
+                    card.input_size,
+                )  # fmt: skip
             batcher = Batcher(
                 runner.forward, stack_fn=runner.stack, max_batch_size=settings.max_batch_size,
                 max_queue=settings.max_queue, max_delay_s=settings.max_batch_delay_ms / 1000,
                 name=f"{card.name}-v{card.version}", labels=card.labels,
                 metrics=self.metrics, metric_labels=mv, workers=settings.forward_workers,
-                helper_backlog=settings.helper_backlog,
+                helper_backlog=settings.helper_backlog, threads=settings.threads,
+                lone_threads=lone, lone_example=torch.zeros(runner.input_shape),
             )  # fmt: skip
             batcher.start()
         except ArchiveError as exc:

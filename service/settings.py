@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     preprocess_threads: int | None = Field(
         None, ge=1, le=1024, description="default: usable CPUs (affinity, cgroup quota)"
     )
+    lone_image_threads: int | None = Field(
+        None, ge=1, le=1024,
+        description="torch threads (CPU) for a forward of one image while nothing else is "
+        "queued, decoding or computing: the other cores are idle then (default: usable CPUs "
+        "for inputs over 64x64 pixels, otherwise TORCH_THREADS; 1 turns it off)",
+    )  # fmt: skip
     malloc: Literal["auto", "tcmalloc", "system"] = Field(
         "auto",
         description="memory allocator: 'auto' preloads tcmalloc when installed (fewer page "
@@ -153,6 +159,14 @@ class Settings(BaseSettings):
         """Forward threads per model version: as many as the torch threads leave cores for."""
         auto = min(MAX_AUTO_WORKERS, available_cpus() // self.threads)
         return self.inference_workers or max(1, auto)
+
+    @property
+    def lone_threads(self) -> int:
+        """Torch threads for a lone image on the CPU: ``LONE_IMAGE_THREADS``, else every
+        usable core (idle then); ``inference.lone_image_threads`` applies it per model."""
+        if self.torch_device != "cpu":
+            return self.threads
+        return self.lone_image_threads or max(self.threads, available_cpus())
 
     @property
     def pool_threads(self) -> int:

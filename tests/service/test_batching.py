@@ -661,3 +661,66 @@ def test_forward_faults_fail_only_their_batch_and_oom_splits(start_service, serv
     metrics = server.metrics()
     assert counter(metrics, "imgserve_oom_splits_total") >= 1
     assert counter(metrics, "imgserve_rejected_total", reason="inference_error") == 1
+
+
+class ThreadCountingForward(RecordingForward):
+    """Records the torch intra-op threads each forward ran with."""
+
+    def __init__(self, delay: float = 0.0):
+        super().__init__(delay=delay)
+        self.threads: list[tuple[int, int]] = []  # (batch size, torch threads)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            self.threads.append((len(batch), torch.get_num_threads()))
+        return super().__call__(batch)
+
+
+def test_a_lone_image_gets_every_core_and_a_batch_the_base_threads():
+    forward = ThreadCountingForward(delay=0.2)
+    batcher = make_batcher(forward, max_batch_size=4, threads=1, lone_threads=3,
+                           lone_example=item(0))  # fmt: skip
+    assert forward.threads == [(1, 3)]  # the worker's warm-up, done before start() returned
+    forward.threads.clear()
+
+    async def main():
+        await batcher.infer([item(1)], far())  # alone: wide
+        first = asyncio.ensure_future(batcher.infer([item(2)], far()))
+        await asyncio.sleep(0.05)  # arrives while that lone image is computed with 3 threads
+        await batcher.infer([item(v) for v in range(3, 7)], far())
+        await first
+        return await batcher.infer([item(9)], far())  # alone again, within the pause: narrow
+
+    asyncio.run(main())
+    assert forward.threads == [(1, 3), (1, 3), (4, 1), (1, 1)]
+    assert batcher.close(timeout=5)
+
+
+def test_a_wide_forward_resumes_after_the_pause(monkeypatch: pytest.MonkeyPatch):
+    import service.batching as batching
+
+    monkeypatch.setattr(batching, "WIDE_PAUSE_S", 0.1)
+    forward = ThreadCountingForward(delay=0.2)
+    batcher = make_batcher(forward, threads=1, lone_threads=2)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.infer([item(1)], far()))
+        await asyncio.sleep(0.05)
+        await batcher.infer([item(2)], far())  # met the wide forward: pause
+        await first
+        await asyncio.sleep(0.15)  # the pause is over
+        await batcher.infer([item(3)], far())
+
+    asyncio.run(main())
+    assert forward.threads == [(1, 2), (1, 1), (1, 2)]
+    assert torch.get_num_threads() >= 1  # this thread's own count was never touched
+    assert batcher.close(timeout=5)
+
+
+def test_lone_image_threads_go_to_big_inputs_unless_set():
+    from service.inference import lone_image_threads
+
+    assert lone_image_threads(None, 4, 1, (224, 224)) == 4
+    assert lone_image_threads(None, 4, 1, (32, 32)) == 1  # a 3 ms forward: not worth it
+    assert lone_image_threads(2, 4, 1, (32, 32)) == 2  # LONE_IMAGE_THREADS wins
+    assert lone_image_threads(1, 4, 1, (224, 224)) == 1  # and 1 turns it off

@@ -178,3 +178,27 @@ def test_bf16_on_the_cpu_answers_the_digits_as_fp32_does(digits_store) -> None:
     assert (got - want).abs().max().item() < 0.1  # measured: 0.027
     accuracy = [float(np.mean(p.argmax(1).numpy() == digits.target)) for p in (want, got)]
     assert abs(accuracy[0] - accuracy[1]) <= 0.005
+
+
+def test_a_lone_image_computed_with_more_threads_gets_the_same_answer() -> None:
+    import threading
+
+    from service.batching import intra_op_threads
+
+    model = _with_trained_statistics(build_model("resnet18", num_classes=10, in_chans=3))
+    runner = ModelRunner(model, _card("resnet18", 96, 3), device="cpu", max_batch_size=4)
+    image = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(2))
+    answers: dict[int, torch.Tensor] = {}
+
+    def compute(threads: int) -> None:  # on a worker thread of its own, as the batcher does
+        torch.set_num_threads(1)
+        with intra_op_threads(threads):
+            answers[threads] = runner.forward(image)
+        answers[-threads] = torch.tensor(torch.get_num_threads())
+
+    for threads in (1, 2):
+        worker = threading.Thread(target=compute, args=(threads,))
+        worker.start()
+        worker.join()
+    assert torch.allclose(answers[1], answers[2], atol=1e-5, rtol=0)
+    assert int(answers[-2]) == 1  # restored after the block
