@@ -40,7 +40,7 @@ from .batching import Batcher
 from .errors import Conflict, InvalidRequest, NotFound, Unavailable
 from .inference import ModelRunner, Preprocessor, lone_image_threads, use_torchscript
 from .metrics import Metrics
-from .settings import Settings
+from .settings import Settings, available_cpus
 
 log = logging.getLogger("service.registry")
 
@@ -357,8 +357,8 @@ class Registry:
             lone = settings.threads  # on a GPU the forward's CPU side needs no more
             if runner.device.type == "cpu":
                 lone = lone_image_threads(
-                    settings.lone_image_threads, settings.lone_threads, settings.threads,
-                    card.input_size,
+                    settings.lone_image_threads, max(settings.threads, available_cpus()),
+                    settings.threads, card.input_size,
                 )  # fmt: skip
             batcher = Batcher(
                 runner.forward, stack_fn=runner.stack, max_batch_size=settings.max_batch_size,

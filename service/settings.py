@@ -161,14 +161,6 @@ class Settings(BaseSettings):
         return self.inference_workers or max(1, auto)
 
     @property
-    def lone_threads(self) -> int:
-        """Torch threads for a lone image on the CPU: ``LONE_IMAGE_THREADS``, else every
-        usable core (idle then); ``inference.lone_image_threads`` applies it per model."""
-        if self.torch_device != "cpu":
-            return self.threads
-        return self.lone_image_threads or max(self.threads, available_cpus())
-
-    @property
     def pool_threads(self) -> int:
         return self.preprocess_threads or available_cpus()
 

@@ -407,14 +407,19 @@ def test_the_open_loop_capacity_is_the_highest_probe_the_service_sustains() -> N
     assert "70% (70.0/s): served 70.0, p50 20 ms, sustained. Capacity 70.0 req/s" in text
 
 
+def _floor_c1(req_s: float, p50_s: float) -> dict:
+    """The http-floor target's result with one closed-loop C=1 point."""
+    return {"points": [{"mode": "closed", "concurrency": 1,
+                        "median": {"req_s": req_s, "p50_s": p50_s}}]}  # fmt: skip
+
+
 def test_t6_shows_what_the_http_floor_alone_would_cost() -> None:
     models = {
         "r20": {
             "limit": {"img_s": 600.0, "single": {"p50_s": 0.004}},
             "targets": {
                 "service": {"points": [_c1(0.006)]},
-                "http-floor": {"points": [{"mode": "closed", "concurrency": 1,
-                                           "median": {"req_s": 1600.0, "p50_s": 0.0006}}]},
+                "http-floor": _floor_c1(1600.0, 0.0006),
             },
         },
     }  # fmt: skip
@@ -438,8 +443,7 @@ def test_t6_bound_is_the_floor_app_around_the_same_job_in_the_paired_rounds() ->
             "paired": {"config": "16x2", "concurrency": 32, "rounds": rounds},
             "targets": {
                 "service": {"points": [_c1(0.006)]},
-                "http-floor": {"points": [{"mode": "closed", "concurrency": 1,
-                                           "median": {"req_s": 3000.0, "p50_s": 0.0003}}]},
+                "http-floor": _floor_c1(3000.0, 0.0003),
             },
         },
     }  # fmt: skip
