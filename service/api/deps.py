@@ -142,6 +142,13 @@ async def require_api_key(settings: SettingsDep, credentials: BearerDep) -> None
         _check_key(credentials, settings.api_key, "inference")
 
 
+async def authorize_inference(request: Request) -> None:
+    """``require_api_key`` for a ``DirectRoute``, which solves no dependencies."""
+    settings: Settings = request.app.state.settings
+    if settings.api_key is not None:
+        _check_key(await _api_bearer(request), settings.api_key, "inference")
+
+
 async def require_admin(settings: SettingsDep, credentials: AdminBearerDep) -> None:
     """Management access: ``ADMIN_API_KEY`` required; refused when none is configured."""
     if settings.admin_api_key is None:

@@ -31,10 +31,12 @@ from ...schemas import ErrorResponse, PredictResponse, TopKResponse, ValidationE
 from ...settings import Settings
 from ...uploads import UploadRejected, read_image_parts
 from ..deps import ApiKeyDep, ModelQuery, VersionQuery
+from ..direct import DirectRoute
 from ..responses import JSONBytesResponse
 
 log = logging.getLogger("service.api")
-router = APIRouter(tags=["inference"], dependencies=[ApiKeyDep])
+# DirectRoute: documented as declared, called without FastAPI's dependency solving (hot path)
+router = APIRouter(tags=["inference"], dependencies=[ApiKeyDep], route_class=DirectRoute)
 
 IMAGE_BODY = {
     "requestBody": {
