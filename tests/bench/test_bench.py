@@ -682,3 +682,17 @@ def test_sigterm_mid_run_leaves_no_process(bench_cache: Path, tmp_path: Path) ->
     assert not alive, f"SIGTERM left processes behind: {alive}"
     assert not _ours(bench_cache)
     assert not list((tmp_path / "results").glob("*.json"))
+
+
+def test_stack_floor_sends_the_job_through_every_server_and_stops_them() -> None:
+    from bench import stack_floor
+
+    bodies = [bytes([n]) * 70_000 for n in range(3)]
+    p50s = stack_floor.measure(bodies, job_ms=20.0, rounds=2, requests=10)
+    assert set(p50s) == set(stack_floor.SERVERS)
+    for server, values in p50s.items():
+        assert len(values) == 2, server
+        assert all(0.020 <= value < 5.0 for value in values), (server, values)  # the job ran
+    assert stack_floor._job_ms(b"/predict-job?x=1&ms=4.5") == 4.5
+    assert stack_floor._job_ms(b"/predict-job") == 0.0
+    assert psutil.Process().children(recursive=True) == []  # every server was stopped
