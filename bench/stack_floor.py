@@ -37,11 +37,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .config import CACHE
+from .config import CACHE, ROOT
 from .floor_app import cpu_job
+from .targets import free_port, stop
 
 ANSWER = json.dumps({"label": "0", "class_id": 0, "confidence": 1.0}).encode()
 SERVERS = ("socket-inline", "socket-thread", "asgi", "fastapi")
+PATH = "/predict-job"  # the floor app's job route; the other servers answer any path
 
 
 # -- the servers -----------------------------------------------------------------------------
@@ -55,6 +57,25 @@ def _job_ms(target: bytes) -> float:
         if key == b"ms":
             return float(value)
     return 0.0
+
+
+def _read_request(conn: socket.socket, buffer: bytes) -> tuple[bytes, bytes] | None:
+    """(request target, bytes after the body) of the next request; None once the client left."""
+    while b"\r\n\r\n" not in buffer:
+        data = conn.recv(1 << 18)
+        if not data:
+            return None
+        buffer += data
+    head, _, buffer = buffer.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(buffer) < length:
+        buffer += conn.recv(1 << 18)
+    return lines[0].split(b" ")[1], buffer[length:]
 
 
 def serve_socket(port: int, threaded: bool) -> None:
@@ -75,49 +96,36 @@ def serve_socket(port: int, threaded: bool) -> None:
             conn, _ = listener.accept()
             with conn:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                buffer = b""
-                while True:
-                    while b"\r\n\r\n" not in buffer:
-                        data = conn.recv(1 << 18)
-                        if not data:
-                            break
-                        buffer += data
-                    if b"\r\n\r\n" not in buffer:
-                        break
-                    request_head, _, buffer = buffer.partition(b"\r\n\r\n")
-                    lines = request_head.split(b"\r\n")
-                    length = 0
-                    for line in lines[1:]:
-                        name, _, value = line.partition(b":")
-                        if name.strip().lower() == b"content-length":
-                            length = int(value)
-                    while len(buffer) < length:
-                        buffer += conn.recv(1 << 18)
-                    buffer = buffer[length:]
-                    seconds = _job_ms(lines[0].split(b" ")[1]) / 1000
+                rest = b""
+                while (request := _read_request(conn, rest)) is not None:
+                    target, rest = request
                     if threaded:
-                        jobs.put(seconds)
+                        jobs.put(_job_ms(target) / 1000)
                         done.get()
                     else:
-                        cpu_job(seconds)
+                        cpu_job(_job_ms(target) / 1000)
                     conn.sendall(answer)
 
 
-_pool = ThreadPoolExecutor(1, thread_name_prefix="job")
-
-
 async def bare_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """A bare ASGI app: any POST reads its body, runs ``?ms=`` of job on a thread, answers."""
+    """A bare ASGI app: any POST reads its body, runs ``?ms=`` of job on a thread, answers.
+
+    The job thread lives in the lifespan state (uvicorn copies it into each request's scope).
+    """
     if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
+        await receive()  # startup
+        scope["state"]["pool"] = pool = ThreadPoolExecutor(1, thread_name_prefix="job")
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # shutdown
+        pool.shutdown()
         await send({"type": "lifespan.shutdown.complete"})
         return
     while (await receive()).get("more_body"):
         pass
     seconds = _job_ms(b"/?" + scope["query_string"]) / 1000
     if seconds:
-        await asyncio.get_running_loop().run_in_executor(_pool, cpu_job, seconds)
+        pool = scope["state"]["pool"]
+        await asyncio.get_running_loop().run_in_executor(pool, cpu_job, seconds)
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(ANSWER))]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": ANSWER})
@@ -126,27 +134,19 @@ async def bare_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 # -- measuring -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextmanager
-def running(server: str) -> Iterator[tuple[int, str]]:
-    """Start ``server`` in a subprocess; yields (port, path) once it accepts connections."""
-    port = _free_port()
+def running(server: str) -> Iterator[int]:
+    """Start ``server`` in a subprocess; yields its port once it accepts connections."""
+    port = free_port()
     if server.startswith("socket-"):
         command = [sys.executable, "-m", "bench.stack_floor", "--serve-socket", str(port)]
         if server == "socket-thread":
             command.append("--threaded")
-        path = "/predict-job"
     else:
         app = "bench.stack_floor:bare_app" if server == "asgi" else "bench.floor_app:app"
         command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port",
                    str(port), "--loop", "uvloop", "--http", "httptools", "--log-level", "warning"]  # fmt: skip
-        path = "/predict-job"
-    proc = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen(command, cwd=ROOT)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -157,26 +157,19 @@ def running(server: str) -> Iterator[tuple[int, str]]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{server} did not start") from None
                 time.sleep(0.1)
-        yield port, path
+        yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=10)
 
 
-def one_connection_p50(
-    port: int, path: str, bodies: list[bytes], requests: int, job_ms: float
-) -> float:
+def one_connection_p50(port: int, bodies: list[bytes], requests: int, job_ms: float) -> float:
     """Seconds: the p50 of ``requests`` sequential POSTs on one keep-alive connection."""
     latencies = []
     with socket.create_connection(("127.0.0.1", port)) as conn:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for index in range(requests + requests // 10):  # the first tenth warms up
             body = bodies[index % len(bodies)]
-            head = (f"POST {path}?ms={job_ms} HTTP/1.1\r\nhost: bench\r\ncontent-type: "
+            head = (f"POST {PATH}?ms={job_ms} HTTP/1.1\r\nhost: bench\r\ncontent-type: "
                     f"image/jpeg\r\ncontent-length: {len(body)}\r\n\r\n")  # fmt: skip
             start = time.perf_counter()
             conn.sendall(head.encode() + body)
@@ -208,8 +201,8 @@ def measure(
     for round_index in range(rounds):
         order = servers if round_index % 2 == 0 else tuple(reversed(servers))
         for server in order:
-            with running(server) as (port, path):
-                p50s[server].append(one_connection_p50(port, path, bodies, requests, job_ms))
+            with running(server) as port:
+                p50s[server].append(one_connection_p50(port, bodies, requests, job_ms))
     return p50s
 
 

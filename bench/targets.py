@@ -132,7 +132,7 @@ def _tail(path: Path, chars: int = 3000) -> str:
         return ""
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+def stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -200,7 +200,7 @@ def service(
             settings=settings, started_s=time.perf_counter() - start,
         )  # fmt: skip
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 @contextlib.contextmanager
@@ -250,7 +250,7 @@ def _uvicorn_app(
             started_s=time.perf_counter() - start,
         )  # fmt: skip
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -144,9 +144,7 @@ async def require_api_key(settings: SettingsDep, credentials: BearerDep) -> None
 
 async def authorize_inference(request: Request) -> None:
     """``require_api_key`` for a ``DirectRoute``, which solves no dependencies."""
-    settings: Settings = request.app.state.settings
-    if settings.api_key is not None:
-        _check_key(await _api_bearer(request), settings.api_key, "inference")
+    await require_api_key(request.app.state.settings, await _api_bearer(request))
 
 
 async def require_admin(settings: SettingsDep, credentials: AdminBearerDep) -> None:
