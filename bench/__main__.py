@@ -23,7 +23,7 @@ from typing import Any
 
 from . import config as configs
 from .archives import MODELS
-from .config import HTTP_TARGETS, PEER_MODEL, TARGETS, BenchConfig, Timing
+from .config import HTTP_TARGETS, PEER_MODEL, TARGETS, BenchConfig, Timing, settled
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -61,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--limit-batches", type=_ints, help="LIMIT batch sizes, e.g. 8,16")
     run.add_argument("--paired-rounds", type=int,
                      help="rounds of LIMIT + service back to back for T1/T4/T6/T7 (0: none)")  # fmt: skip
+    run.add_argument("--paired-settle", type=float, metavar="WINDOWS",
+                     help="warm-up of each fresh process in the paired rounds, in windows "
+                     "(default 2)")  # fmt: skip
     run.add_argument("--body", choices=("raw", "multipart"), help="request body (default raw)")
     run.add_argument("--images-per-request", type=int, help="images per request (multipart)")
     run.add_argument("--loadgen-procs", type=int, help="load-generator processes per point")
@@ -131,6 +134,8 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
     overrides["install_torchserve"] = not args.no_install_torchserve
     if args.paired_rounds is not None:
         overrides["paired_rounds"] = args.paired_rounds
+    if args.paired_settle is not None:
+        overrides["paired_settle_windows"] = args.paired_settle
     overrides["rebuild_archives"] = args.rebuild_archives
     return factory(**{**_fields(base), **overrides})
 
@@ -162,15 +167,16 @@ def estimate_s(cfg: BenchConfig) -> float:
                 batches = len({*cfg.limit_batches, cfg.max_batch_size()}) + 1
                 total += 15 + batches * (point - 1.0)
                 if cfg.paired_rounds and "service" in cfg.targets_for(model):
-                    window = timing.warmup_s + timing.duration_s
+                    window = settled(timing, cfg.paired_settle_windows).warmup_s + timing.duration_s
                     # per round: a LIMIT process (one configuration + single), a service
                     # start-up and its C=1 and C=32 windows (+ the floor app's C=1 window)
                     total += cfg.paired_rounds * (15 + 2 * window + startup["service"] + 2 * window)
                     if "http-floor" in cfg.targets:
-                        total += cfg.paired_rounds * (startup["http-floor"] + window)
+                        floor = timing.warmup_s + timing.duration_s
+                        total += cfg.paired_rounds * (startup["http-floor"] + floor)
                 continue
             if target.startswith("torchserve") and target == last_peer(cfg, model):
-                window = timing.warmup_s + timing.duration_s
+                window = settled(timing, cfg.paired_settle_windows).warmup_s + timing.duration_s
                 # per round: a service and a TorchServe start-up, one C=32 window each
                 total += cfg.paired_rounds * (startup["service"] + startup[target] + 2 * window)
             points = len(cfg.concurrency)
@@ -198,6 +204,7 @@ def dry_run(cfg: BenchConfig) -> None:
     print(f"service settings: {service_defaults(cfg.service_settings())}")
     for model in cfg.models:
         timing = cfg.timing_for(model)
+        fresh = settled(timing, cfg.paired_settle_windows).warmup_s
         print(f"- {model} ({MODELS[model].label}); warm-up {timing.warmup_s:g} s, "
               f"{cfg.repeats} x {timing.duration_s:g} s per point")  # fmt: skip
         for target in cfg.targets_for(model):
@@ -209,7 +216,7 @@ def dry_run(cfg: BenchConfig) -> None:
                              if "http-floor" in cfg.targets else "")  # fmt: skip
                     print(f"    paired (after the service): {cfg.paired_rounds} rounds of the "
                           f"LIMIT's best configuration + single, {floor}and a fresh service at "
-                          "C=1 and C=32, back to back")  # fmt: skip
+                          f"C=1 and C=32, back to back, each warmed up {fresh:g} s")  # fmt: skip
                 continue
             loads = [f"C={c}" for c in cfg.concurrency]
             if target in cfg.open_loop_targets:
@@ -220,7 +227,8 @@ def dry_run(cfg: BenchConfig) -> None:
             print(f"    {target}: {', '.join(loads)}")
             if target == last_peer(cfg, model):
                 print(f"    paired peer (T2/T3): {cfg.paired_rounds} rounds of a fresh service "
-                      "and a fresh best TorchServe configuration at C=32, back to back")  # fmt: skip
+                      "and a fresh best TorchServe configuration at C=32, back to back, each "
+                      f"warmed up {fresh:g} s")  # fmt: skip
     skipped = [t for t in HTTP_TARGETS if t not in cfg.targets]
     if skipped:
         print(f"targets not in this plan: {', '.join(skipped)}")

@@ -33,6 +33,21 @@ class Timing:
     duration_s: float
 
 
+MAX_WARMUP_S = 20.0  # no point warms up longer
+
+
+def settled(timing: Timing, windows: float) -> Timing:
+    """``timing`` with a warm-up of at least ``windows`` of its windows: for a fresh process.
+
+    The paired rounds start every side afresh; a process that has just started (its first
+    batches of each size, its allocator's pools, for the service how its batches fall into
+    step with the clients) is slower than the same process a few windows later, on every
+    side but not by the same amount (see ``BenchConfig.paired_settle_windows``).
+    """
+    warmup_s = max(timing.warmup_s, min(MAX_WARMUP_S, windows * timing.duration_s))
+    return Timing(warmup_s=warmup_s, duration_s=timing.duration_s)
+
+
 @dataclass(kw_only=True)
 class BenchConfig:
     models: tuple[str, ...] = ("r20", "r18", "r50")
@@ -67,6 +82,12 @@ class BenchConfig:
     # 20-40% within minutes, so the service-vs-LIMIT ratios (T1, T4, T6, T7) are the median of
     # the per-round ratios instead of two figures measured minutes apart (0: no paired rounds)
     paired_rounds: int = 3
+    # warm-up of each fresh process in those rounds, in windows of the model's duration (at
+    # least its usual warm-up): a service or TorchServe started seconds before is not in steady
+    # state yet. Fresh processes' first C=32 window after the usual 2 s (ResNet-18, reference
+    # images, 2026-12-03): TorchServe 2 workers 48.0 img/s, p99 949 ms, then 56.0-62.4 img/s,
+    # p99 655-695 ms in the next four; the service p99 875 ms, then 377-553 ms in the next five
+    paired_settle_windows: float = 2.0
     body: str = "raw"  # raw image/jpeg bodies, or multipart/form-data ("file" parts)
     images_per_request: int = 1
     images_dir: Path | None = None
@@ -93,6 +114,8 @@ class BenchConfig:
             raise ValueError("repeats and concurrency levels must be >= 1")
         if self.paired_rounds < 0:
             raise ValueError("paired_rounds must be >= 0")
+        if self.paired_settle_windows < 0:
+            raise ValueError("paired_settle_windows must be >= 0")
         if self.body not in ("raw", "multipart"):
             raise ValueError("body must be 'raw' or 'multipart'")
         if self.images_per_request > 1 and self.body != "multipart":

@@ -197,6 +197,7 @@ def paired_figures(data: dict[str, Any]) -> dict[str, Any] | None:
     return {
         "config": paired.get("config"),
         "concurrency": c,
+        "warmup_s": paired.get("warmup_s"),  # None in results before 2026-12-03 10:50
         "throughput": _median_ratio(rounds, "throughput_ratio"),
         "latency": _median_ratio(rounds, "latency_ratio"),
         "rounds": rounds,
@@ -207,6 +208,10 @@ def paired_figures(data: dict[str, Any]) -> dict[str, Any] | None:
         "floor_job": _median_ratio(rounds, "floor_job_ratio"),
         "floor_job_p50_s": [(r.get("floor_job") or {}).get("p50_s") for r in rounds],
     }
+
+
+def _after_warmup(warmup_s: float | None) -> str:
+    return "" if warmup_s is None else f" after a warm-up of {warmup_s:g} s (at least)"
 
 
 def paired_peer_figures(data: dict[str, Any]) -> dict[str, Any] | None:
@@ -221,6 +226,7 @@ def paired_peer_figures(data: dict[str, Any]) -> dict[str, Any] | None:
         return None
     return {
         "peer": paired.get("peer"),
+        "warmup_s": paired.get("warmup_s"),
         "throughput": _median_ratio(rounds, "throughput_ratio"),
         "p99": _median_ratio(rounds, "p99_ratio"),
         "rounds": rounds,
@@ -605,7 +611,8 @@ def paired_tables(data: dict[str, Any]) -> list[str]:
         c = paired["concurrency"]
         lines += [
             f"Paired rounds (T1/T4/T6/T7): the LIMIT at {describe_batch(paired['config'])} and a "
-            f"fresh service at C=1 and C={c}, back to back, one window each:",
+            f"fresh service at C=1 and C={c}, back to back, one window each"
+            f"{_after_warmup(paired['warmup_s'])}:",
             "",
             f"| round | order | service C={c} img/s | LIMIT img/s | ratio | service C=1 p50 ms "
             "| single p50 ms | ratio | floor + job p50 ms | ratio |",
@@ -636,7 +643,7 @@ def paired_tables(data: dict[str, Any]) -> list[str]:
     if peer is not None:
         lines += [
             f"Paired peer rounds (T2/T3): a fresh service and a fresh {peer['peer']} at C=32, "
-            "back to back, one window each:",
+            f"back to back, one window each{_after_warmup(peer['warmup_s'])}:",
             "",
             "| round | order | service img/s | peer img/s | ratio | service p99 ms | peer p99 ms "
             "| ratio |",

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import archives, images, report, targets
-from .config import PEER_MODEL, BenchConfig, Timing
+from .config import MAX_WARMUP_S, PEER_MODEL, BenchConfig, Timing, settled
 from .gpu import GpuSampler
 from .report import describe_batch, fmt, overload_reason, ratio
 
@@ -90,7 +90,6 @@ def merge_loadgen(results: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-MAX_WARMUP_S = 20.0
 MODEL_STEPS = ("limit", "paired", "paired-peer")  # results beside "targets", not in it
 PAIRED_C = 32  # the closed-loop concurrency of T1, T4 and T7
 
@@ -277,7 +276,7 @@ class Runner:
         path = self._write_spec(f"limit-{key}", spec)
         env = targets.base_env(cfg.service_settings())
         configs = len(spec["batch_sizes"]) * 2 + 1  # 1 and N forward threads, and single
-        budget = 120 + configs * (timing.warmup_s + spec["repeats"] * timing.duration_s) * 3
+        budget = 120 + configs * (spec["warmup_s"] + spec["repeats"] * spec["duration_s"]) * 3
         return json.loads(
             self._child([sys.executable, "-m", "bench.limit", str(path)], env, budget)
         )
@@ -330,6 +329,7 @@ class Runner:
         cfg = self.cfg
         batch, _, threads = str(config).partition("x")
         timing = cfg.timing_for(key)
+        fresh = settled(timing, cfg.paired_settle_windows)
         rounds = []
         for index in range(cfg.paired_rounds):
             sides = ["limit", "service"] if index % 2 == 0 else ["service", "limit"]
@@ -346,6 +346,7 @@ class Runner:
                     raw = self._limit_child(
                         key, archive, batch_sizes=[int(batch)],
                         forward_threads=[int(threads or 1)], repeats=1,
+                        warmup_s=fresh.warmup_s,
                     )  # fmt: skip
                     window = raw["pipelined"][str(config)]["windows"][0]
                     single = raw["single"]["windows"][0]
@@ -357,9 +358,9 @@ class Runner:
                                      self.tracker, settings) as endpoint:  # fmt: skip
                     for pid in endpoint.pids:
                         self.tracker.add_tree(pid)
-                    one = self.measure(endpoint, timing, mode="closed", concurrency=1, repeats=1)
+                    one = self.measure(endpoint, fresh, mode="closed", concurrency=1, repeats=1)
                     loaded = self.measure(
-                        endpoint, warmed(timing, PAIRED_C, one["median"]["req_s"]),
+                        endpoint, warmed(fresh, PAIRED_C, one["median"]["req_s"]),
                         mode="closed", concurrency=PAIRED_C, repeats=1,
                     )  # fmt: skip
                 entry["service"] = {"c1": one["median"], f"c{PAIRED_C}": loaded["median"]}
@@ -382,7 +383,8 @@ class Runner:
                     else ""
                 )
             )
-        return {"config": str(config), "concurrency": PAIRED_C, "rounds": rounds}
+        return {"config": str(config), "concurrency": PAIRED_C, "warmup_s": fresh.warmup_s,
+                "rounds": rounds}  # fmt: skip
 
     def _floor_job(self, archive: Path, timing: Timing, job_s: float) -> dict[str, Any]:
         """The floor app at C=1 around a ``job_s`` CPU job on a thread (bench/floor_app.py)."""
@@ -402,7 +404,7 @@ class Runner:
         ``run_paired``, each round starts both afresh and measures one C=32 window of each,
         the service first in even rounds and the peer first in odd ones.
         """
-        timing = self.cfg.timing_for(key)
+        timing = settled(self.cfg.timing_for(key), self.cfg.paired_settle_windows)
         rates = {
             side: (report.closed_point({key: result}, key, side, PAIRED_C) or {}).get("req_s")
             for side in ("service", peer)
@@ -430,7 +432,8 @@ class Runner:
                 f"{fmt(entry['throughput_ratio'], 1, 2)}; p99 {fmt(service['p99_s'], 1000, 0)} / "
                 f"{fmt(other['p99_s'], 1000, 0)} ms = {fmt(entry['p99_ratio'], 1, 2)}"
             )
-        return {"peer": peer, "concurrency": PAIRED_C, "rounds": rounds}
+        return {"peer": peer, "concurrency": PAIRED_C, "warmup_s": timing.warmup_s,
+                "rounds": rounds}  # fmt: skip
 
     def run_target(self, key: str, target: str, archive: Path, card: Any) -> dict[str, Any]:
         with self._start(target, archive, card) as endpoint:

@@ -152,6 +152,18 @@ def test_warm_up_covers_a_round_of_the_closed_loop() -> None:
     assert warmed(base, 64, 1.0).warmup_s == 20.0  # bounded
 
 
+def test_fresh_processes_in_paired_rounds_warm_up_for_whole_windows() -> None:
+    from bench.config import settled
+
+    base = Timing(warmup_s=2.0, duration_s=5.0)
+    assert settled(base, 2.0) == Timing(warmup_s=10.0, duration_s=5.0)
+    assert settled(base, 0.0) == base  # never below the model's usual warm-up
+    assert settled(Timing(warmup_s=4.0, duration_s=12.0), 2.0).warmup_s == 20.0  # bounded
+    assert config.BenchConfig().paired_settle_windows == 2.0
+    with pytest.raises(ValueError, match="paired_settle_windows"):
+        config.BenchConfig(paired_settle_windows=-1)
+
+
 def test_the_limit_rate_is_measured_between_batch_completions() -> None:
     from bench.limit import _completion_rate
 
@@ -311,7 +323,8 @@ def test_paired_peer_rounds_give_t2_and_t3() -> None:
     ]
     models = {
         "r18": {
-            "paired-peer": {"peer": "torchserve-2w", "concurrency": 32, "rounds": rounds},
+            "paired-peer": {"peer": "torchserve-2w", "concurrency": 32, "warmup_s": 10.0,
+                            "rounds": rounds},  # fmt: skip
             "targets": {
                 "service": {"points": [_point(50.0, 0.6, 0.8)]},
                 "torchserve-2w": {"points": [_point(20.0, 1.5, 2.0)]},
@@ -327,6 +340,7 @@ def test_paired_peer_rounds_give_t2_and_t3() -> None:
     assert "800/1000, 900/1200, 850/1000 ms" in t3["detail"]
     text = "\n".join(report.paired_tables(models["r18"]))
     assert "| 2 | torchserve-2w then service | 45.0 | 30.0 | 1.50 | 900 | 1200 | 0.75 |" in text
+    assert "one window each after a warm-up of 10 s (at least):" in text
 
 
 def test_a_limit_measured_before_and_after_the_service_is_averaged() -> None:
@@ -605,6 +619,7 @@ def test_short_run_against_the_real_service(bench_cache: Path, tmp_path: Path) -
     proc = _run_bench(
         bench_cache, tmp_path, "--targets", "limit,service,naive,http-floor", "--concurrency", "1,32",
         "--open-loop", "0.9", "--duration", "2", "--limit-batches", "4", "--paired-rounds", "1",
+        "--paired-settle", "1",
     )  # fmt: skip
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
@@ -613,6 +628,7 @@ def test_short_run_against_the_real_service(bench_cache: Path, tmp_path: Path) -
     r20 = result["models"]["r20"]
     assert r20["limit"]["img_s"] > 0
     assert r20["limit"]["single"]["p50_s"] > 0
+    assert r20["paired"]["warmup_s"] == 2.0  # one 2 s window, more than --warmup 0.5
     [paired] = r20["paired"]["rounds"]  # the LIMIT, the floor around its job, a fresh service
     assert paired["order"] == ["limit", "floor-job", "service"]
     assert paired["limit"]["img_s"] > 0 and paired["limit"]["single_p50_s"] > 0
