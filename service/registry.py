@@ -36,6 +36,7 @@ from trainer.archive import (
     read_card,
 )
 
+from . import heap
 from .batching import Batcher
 from .errors import Conflict, InvalidRequest, NotFound, Unavailable
 from .inference import ModelRunner, Preprocessor, lone_image_threads, use_torchscript
@@ -300,6 +301,12 @@ class Registry:
                 self._failed(entry, "the service shut down before this archive was loaded")
             elif entry.status == LOADING:
                 self.load_entry(entry)
+        self.settle_heap("model store loaded")
+
+    def settle_heap(self, reason: str) -> None:
+        """After the loaded models changed: keep the collector off what now lives long."""
+        if self.settings.gc_freeze:
+            heap.settle(reason)
 
     def _placeholder(self, path: Path) -> ModelEntry:
         entry = ModelEntry(file=path.name, path=path, metrics=self.metrics)
@@ -435,9 +442,10 @@ class Registry:
                 )
             self._add(entry)
             await asyncio.to_thread(self.load_entry, entry)
+            await asyncio.to_thread(self.settle_heap, f"{entry.label} registered")
             return entry
 
-    async def unregister(self, name: str, version: str) -> ModelEntry:
+    async def unregister(self, name: str, version: str) -> None:
         """Stop routing to a version, let its queued requests finish, then free it."""
         async with self._manage:
             entry = self.find(name, version)
@@ -448,7 +456,9 @@ class Registry:
                 if self._default_versions.get(name) == version:
                     del self._default_versions[name]
             await asyncio.to_thread(self._dispose, entry)
-            return entry
+            label = entry.label
+            del entry  # the collection below should find the version's cycles unreferenced
+            await asyncio.to_thread(self.settle_heap, f"{label} unloaded")
 
     def set_default_version(self, name: str, version: str) -> None:
         entry = self.find(name, version)

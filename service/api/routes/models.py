@@ -140,8 +140,8 @@ async def unload_model(
     version: Annotated[str, PathParam(pattern=r"^[0-9]{1,9}$", description="a version number")],
     registry: RegistryDep,
 ) -> Response:
-    entry = await registry.unregister(name, version)
-    return JSONBytesResponse({"name": entry.name, "version": entry.version, "status": "unloaded"})
+    await registry.unregister(name, version)
+    return JSONBytesResponse({"name": name, "version": version, "status": "unloaded"})
 
 
 @router.put(
