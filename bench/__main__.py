@@ -23,7 +23,7 @@ from typing import Any
 
 from . import config as configs
 from .archives import MODELS
-from .config import HTTP_TARGETS, PEER_MODEL, TARGETS, BenchConfig, Timing, settled
+from .config import HTTP_TARGETS, PEER_MODEL, TARGETS, BenchConfig, Timing
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -167,7 +167,7 @@ def estimate_s(cfg: BenchConfig) -> float:
                 batches = len({*cfg.limit_batches, cfg.max_batch_size()}) + 1
                 total += 15 + batches * (point - 1.0)
                 if cfg.paired_rounds and "service" in cfg.targets_for(model):
-                    window = settled(timing, cfg.paired_settle_windows).warmup_s + timing.duration_s
+                    window = cfg.paired_timing_for(model).warmup_s + timing.duration_s
                     # per round: a LIMIT process (one configuration + single), a service
                     # start-up and its C=1 and C=32 windows (+ the floor app's C=1 window)
                     total += cfg.paired_rounds * (15 + 2 * window + startup["service"] + 2 * window)
@@ -176,7 +176,7 @@ def estimate_s(cfg: BenchConfig) -> float:
                         total += cfg.paired_rounds * (startup["http-floor"] + floor)
                 continue
             if target.startswith("torchserve") and target == last_peer(cfg, model):
-                window = settled(timing, cfg.paired_settle_windows).warmup_s + timing.duration_s
+                window = cfg.paired_timing_for(model).warmup_s + timing.duration_s
                 # per round: a service and a TorchServe start-up, one C=32 window each
                 total += cfg.paired_rounds * (startup["service"] + startup[target] + 2 * window)
             points = len(cfg.concurrency)
@@ -204,7 +204,7 @@ def dry_run(cfg: BenchConfig) -> None:
     print(f"service settings: {service_defaults(cfg.service_settings())}")
     for model in cfg.models:
         timing = cfg.timing_for(model)
-        fresh = settled(timing, cfg.paired_settle_windows).warmup_s
+        fresh = cfg.paired_timing_for(model).warmup_s
         print(f"- {model} ({MODELS[model].label}); warm-up {timing.warmup_s:g} s, "
               f"{cfg.repeats} x {timing.duration_s:g} s per point")  # fmt: skip
         for target in cfg.targets_for(model):

@@ -132,6 +132,10 @@ class BenchConfig:
     def timing_for(self, model: str) -> Timing:
         return self.timing.get(model, Timing(warmup_s=2.0, duration_s=4.0))
 
+    def paired_timing_for(self, model: str) -> Timing:
+        """``timing_for`` with the warm-up of a fresh process in the paired rounds."""
+        return settled(self.timing_for(model), self.paired_settle_windows)
+
     def service_settings(self) -> dict[str, str]:
         """The environment of the 'service' target (defaults unless overridden)."""
         return dict(self.service_env)

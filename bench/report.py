@@ -197,7 +197,7 @@ def paired_figures(data: dict[str, Any]) -> dict[str, Any] | None:
     return {
         "config": paired.get("config"),
         "concurrency": c,
-        "warmup_s": paired.get("warmup_s"),  # None in results before 2026-12-03 10:50
+        "warmup_s": paired.get("warmup_s"),  # None in results of runs before commit 55216d6
         "throughput": _median_ratio(rounds, "throughput_ratio"),
         "latency": _median_ratio(rounds, "latency_ratio"),
         "rounds": rounds,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import archives, images, report, targets
-from .config import MAX_WARMUP_S, PEER_MODEL, BenchConfig, Timing, settled
+from .config import MAX_WARMUP_S, PEER_MODEL, BenchConfig, Timing
 from .gpu import GpuSampler
 from .report import describe_batch, fmt, overload_reason, ratio
 
@@ -329,7 +329,7 @@ class Runner:
         cfg = self.cfg
         batch, _, threads = str(config).partition("x")
         timing = cfg.timing_for(key)
-        fresh = settled(timing, cfg.paired_settle_windows)
+        fresh = cfg.paired_timing_for(key)
         rounds = []
         for index in range(cfg.paired_rounds):
             sides = ["limit", "service"] if index % 2 == 0 else ["service", "limit"]
@@ -404,7 +404,7 @@ class Runner:
         ``run_paired``, each round starts both afresh and measures one C=32 window of each,
         the service first in even rounds and the peer first in odd ones.
         """
-        timing = settled(self.cfg.timing_for(key), self.cfg.paired_settle_windows)
+        timing = self.cfg.paired_timing_for(key)
         rates = {
             side: (report.closed_point({key: result}, key, side, PAIRED_C) or {}).get("req_s")
             for side in ("service", peer)

@@ -29,8 +29,8 @@ import time
 log = logging.getLogger("service.heap")
 
 
-def settle(reason: str) -> float:
-    """Collect everything collectable, then freeze what is left; returns the seconds it took."""
+def settle(reason: str) -> None:
+    """Collect everything collectable, then freeze what is left; log what it did."""
     start = time.perf_counter()
     gc.unfreeze()
     freed = gc.collect()
@@ -38,4 +38,3 @@ def settle(reason: str) -> float:
     elapsed = time.perf_counter() - start
     log.info("heap settled (%s): %d objects frozen, %d freed, in %.0f ms",
              reason, gc.get_freeze_count(), freed, elapsed * 1000)  # fmt: skip
-    return elapsed
