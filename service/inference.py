@@ -10,10 +10,12 @@ gives the GIL back and takes it again around every layer, and in the service oth
 (event loop, decode pool) hold it for pure-Python work in between. Each re-take can wait out
 the interpreter's switch interval. ResNet-20 at batch 8 with one pure-Python thread beside it:
 eager 10.5 -> 456 ms, traced 8.9 -> 31 ms; ResNet-18: eager 276 -> 805 ms, traced 270 -> 287 ms
-(README, Benchmarks: what changed). A traced graph releases the GIL once per batch. With big
-inputs the layers are long and the GIL matters little: there the traced ResNet-18@224 served
-fewer images (C=32: 40.4 vs 45.9 img/s, 3 alternating rounds), so ``TORCHSCRIPT=auto`` traces
-only small inputs (ResNet-20@32: C=1 p50 7.8 -> 6.6 ms, C=32 329 -> 363 img/s).
+(README, Benchmarks: what changed). A traced graph releases the GIL once per batch. On a CPU
+``TORCHSCRIPT=auto`` traces every input size: ResNet-20@32 C=1 p50 7.8 -> 6.6 ms, C=32 329 ->
+363 img/s; ResNet-18@224 C=32 80.0 -> 89.8 img/s and 24.1 -> 21.4 CPU ms per request (5
+alternating rounds, 2026-12-03; an earlier single comparison had it slower, 40.4 vs 45.9);
+ResNet-50@224 C=32 35.5 -> 38.5 img/s, p99 1295 -> 951 ms, C=1 p50 64 -> 53 ms. On other
+devices (not measured) ``auto`` traces inputs of at most 64x64 pixels only.
 """
 
 from __future__ import annotations
@@ -139,13 +141,15 @@ def _fold_in_place(root: nn.Module) -> int:
     return count
 
 
-TRACE_MAX_PIXELS = 64 * 64  # TORCHSCRIPT=auto: inputs up to this size (CIFAR, digits, MNIST)
+TRACE_MAX_PIXELS = 64 * 64  # small inputs (CIFAR, digits, MNIST): see use_torchscript
 
 
-def use_torchscript(mode: str, input_size: Sequence[int]) -> bool:
-    """``TORCHSCRIPT`` on/off, or auto: trace inputs of at most ``TRACE_MAX_PIXELS``."""
+def use_torchscript(mode: str, input_size: Sequence[int], device_type: str = "cpu") -> bool:
+    """``TORCHSCRIPT`` on/off, or auto: every input size on a CPU (measured faster at 32 and
+    224 px), inputs of at most ``TRACE_MAX_PIXELS`` elsewhere (not measured beyond that)."""
     if mode == "auto":
-        return int(input_size[0]) * int(input_size[1]) <= TRACE_MAX_PIXELS
+        pixels = int(input_size[0]) * int(input_size[1])
+        return device_type == "cpu" or pixels <= TRACE_MAX_PIXELS
     return mode == "on"
 
 

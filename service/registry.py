@@ -353,7 +353,9 @@ class Registry:
             runner = ModelRunner(
                 model, card, device=self.device, precision=settings.precision,
                 channels_last=settings.channels_last, fold_batchnorm=settings.fold_batchnorm,
-                torchscript=use_torchscript(settings.torchscript, card.input_size),
+                torchscript=use_torchscript(
+                    settings.torchscript, card.input_size, torch.device(self.device).type
+                ),
                 max_batch_size=settings.max_batch_size,
             )  # fmt: skip
             if settings.warmup == "all":

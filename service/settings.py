@@ -46,8 +46,8 @@ class Settings(BaseSettings):
     )
     torchscript: Literal["auto", "on", "off"] = Field(
         "auto", description="serve the fp32 forward as a frozen TorchScript graph (same answers; "
-        "one GIL release per batch instead of one per layer); auto: for inputs of at most "
-        "64x64 pixels, where per-layer overhead dominates",
+        "one GIL release per batch instead of one per layer); auto: on a CPU for every input "
+        "size, on other devices for inputs of at most 64x64 pixels",
     )  # fmt: skip
     max_batch_size: int = Field(16, ge=1, le=4096)
     max_batch_delay_ms: float = Field(0.0, ge=0.0, le=10_000.0)

@@ -135,12 +135,14 @@ def test_a_network_whose_trace_would_differ_is_served_eagerly() -> None:
     assert torch.allclose(runner.forward(batch), want, atol=1e-6)
 
 
-def test_torchscript_auto_traces_only_small_inputs() -> None:
+def test_torchscript_auto_traces_every_size_on_cpu_and_small_inputs_elsewhere() -> None:
     from service.inference import use_torchscript
 
-    assert use_torchscript("auto", (32, 32)) and use_torchscript("auto", (64, 64))
-    assert not use_torchscript("auto", (224, 224)) and not use_torchscript("auto", (65, 64))
-    assert use_torchscript("on", (224, 224)) and not use_torchscript("off", (28, 28))
+    assert use_torchscript("auto", (32, 32)) and use_torchscript("auto", (224, 224))
+    assert use_torchscript("auto", (64, 64), "cuda")
+    assert not use_torchscript("auto", (224, 224), "cuda")
+    assert not use_torchscript("auto", (65, 64), "cuda")
+    assert use_torchscript("on", (224, 224), "cuda") and not use_torchscript("off", (28, 28))
 
 
 @pytest.mark.slow
