@@ -141,15 +141,18 @@ def _fold_in_place(root: nn.Module) -> int:
     return count
 
 
-TRACE_MAX_PIXELS = 64 * 64  # small inputs (CIFAR, digits, MNIST): see use_torchscript
+SMALL_INPUT_PIXELS = 64 * 64  # CIFAR, digits, MNIST: the per-layer overhead dominates
+
+
+def is_small_input(input_size: Sequence[int]) -> bool:
+    return int(input_size[0]) * int(input_size[1]) <= SMALL_INPUT_PIXELS
 
 
 def use_torchscript(mode: str, input_size: Sequence[int], device_type: str = "cpu") -> bool:
     """``TORCHSCRIPT`` on/off, or auto: every input size on a CPU (measured faster at 32 and
-    224 px), inputs of at most ``TRACE_MAX_PIXELS`` elsewhere (not measured beyond that)."""
+    224 px), small inputs only elsewhere (not measured beyond ``SMALL_INPUT_PIXELS``)."""
     if mode == "auto":
-        pixels = int(input_size[0]) * int(input_size[1])
-        return device_type == "cpu" or pixels <= TRACE_MAX_PIXELS
+        return device_type == "cpu" or is_small_input(input_size)
     return mode == "on"
 
 
@@ -159,7 +162,7 @@ def lone_image_threads(
     """Torch threads for a forward of one image while the other cores are idle.
 
     ``configured`` (``LONE_IMAGE_THREADS``) if set, else ``cores`` for inputs over
-    ``TRACE_MAX_PIXELS`` and ``threads`` (no change) for smaller ones. Measured on 2 cores, in
+    ``SMALL_INPUT_PIXELS`` and ``threads`` (no change) for smaller ones. Measured on 2 cores, in
     alternating ``bench compare`` rounds against the service without it: C=1 p50 53 -> 40 ms
     (ResNet-18) and 142 -> 105 ms (ResNet-50), but 6.2 -> 7.4 ms for ResNet-20 at 32x32, whose
     3 ms forward gains less from a second core than the core's OpenMP thread, spinning after
@@ -167,8 +170,7 @@ def lone_image_threads(
     """
     if configured is not None:
         return configured
-    pixels = int(input_size[0]) * int(input_size[1])
-    return cores if pixels > TRACE_MAX_PIXELS else threads
+    return threads if is_small_input(input_size) else cores
 
 
 class _Probabilities(nn.Module):
