@@ -288,6 +288,10 @@ def _terminate(signum: int, _frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    images_dir = getattr(args, "images", None)
+    if images_dir is not None and not images_dir.is_dir():  # one line, not a traceback later
+        print(f"bench: --images {images_dir}: no such folder", file=sys.stderr)
+        return 2
     if args.command == "images":
         from . import images
 

@@ -12,7 +12,10 @@ current one, so this is the best the service's pipeline can do on this machine.
 
 Measurements (each a warm-up, then ``repeats`` windows of ``duration_s``):
 - ``pipelined`` at each batch size asked for: images/s, the forward time per batch;
-  (``forward_threads`` in the spec restricts which forward-thread counts are measured);
+  (``forward_threads`` in the spec restricts which forward-thread counts are measured,
+  ``configs`` names exactly which configurations); where the service decodes on its forward
+  threads (``DECODE_ON_FORWARD_THREAD``), also that way: each forward thread decodes its own
+  batch, no pool (``16x2d``);
 - ``single``: one image at a time on one thread (decode, preprocess, forward of a batch of 1
   with the service's ``LONE_IMAGE_THREADS``, as the service computes a lone image),
   the in-process single-image latency that the service's C=1 latency is compared with.
@@ -112,6 +115,46 @@ def pipelined(
         return batch
 
     return step
+
+
+def decoding(entry: Any, images: list[bytes], batch: int, timing: dict) -> Any:
+    """A step function: decode ``batch`` images on this thread, then forward them.
+
+    What the service's forward threads do when the version decodes on them
+    (``DECODE_ON_FORWARD_THREAD``): no pool, each forward thread decodes its own batch.
+    Thread-safe: each call takes the next ``batch`` images of the shared sequence.
+    """
+    preprocessor, runner = entry.preprocessor, entry.runner
+    cursor = 0
+    lock = threading.Lock()
+    forward_times: list[float] = timing.setdefault("forward_s", [])
+
+    def step() -> int:
+        nonlocal cursor
+        with lock:
+            first, cursor = cursor, cursor + batch
+        tensors = [preprocessor(images[(first + i) % len(images)]) for i in range(batch)]
+        start = time.perf_counter()
+        probs = runner.forward(runner.stack(tensors))
+        probs.max(dim=1)
+        forward_times.append(time.perf_counter() - start)
+        return batch
+
+    return step
+
+
+def config_key(batch: int, threads: int, decode_on_forward: bool) -> str:
+    """``16``, ``16x2`` (a decode pool feeds 2 forward threads) or ``16x2d`` (each of the 2
+    forward threads decodes its own batch)."""
+    key = str(batch) if threads == 1 else f"{batch}x{threads}"
+    return key + ("d" if decode_on_forward else "")
+
+
+def parse_config_key(key: str) -> tuple[int, int, bool]:
+    """(batch, forward threads, decode on the forward threads) of a ``config_key``."""
+    decode_on_forward = key.endswith("d")
+    batch, _, threads = key.removesuffix("d").partition("x")
+    return int(batch), int(threads or 1), decode_on_forward
 
 
 def _threaded_windows(
@@ -220,19 +263,32 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 "channels_last": entry.runner.channels_last,
                 "pipelined": {},
             }
+            result["decode_on_forward_thread"] = entry.decode_on_forward_thread
+            # one forward thread, and as many as the service's batcher has (the limit is the
+            # better of the two: the service's helpers only run when they pay off); where the
+            # service decodes on its forward threads, that way too (the best of all counts)
+            configs = [
+                (threads, False) for threads in spec.get("forward_threads") or sorted({1, workers})
+            ]
+            if entry.decode_on_forward_thread and workers > 1:
+                configs.append((workers, True))
+            if spec.get("configs"):  # the paired rounds: exactly these
+                configs = [parse_config_key(key)[1:] for key in spec["configs"]]
             pool = ThreadPoolExecutor(settings.pool_threads, thread_name_prefix="preprocess")
             try:
-                # one forward thread, and as many as the service's batcher has (the limit is
-                # the better of the two: the service's helpers only run when they pay off)
-                for threads in spec.get("forward_threads") or sorted({1, workers}):
+                for threads, decode_on_forward in configs:
                     for batch in spec.get("batch_sizes", [settings.max_batch_size]):
                         timing: dict[str, list[float]] = {}
-                        step = pipelined(entry, images, int(batch), pool, timing)
+                        if decode_on_forward:
+                            step = decoding(entry, images, int(batch), timing)
+                        else:
+                            step = pipelined(entry, images, int(batch), pool, timing)
                         windows = _threaded_windows(step, threads, warmup_s, duration_s, repeats)
-                        key = str(batch) if threads == 1 else f"{batch}x{threads}"
+                        key = config_key(int(batch), threads, decode_on_forward)
                         result["pipelined"][key] = {
                             "windows": windows,
                             "forward_threads": threads,
+                            "decode_on_forward_thread": decode_on_forward,
                             "forward_per_batch": _quantiles(timing.get("forward_s", [])[-200:]),
                         }
             finally:

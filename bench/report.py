@@ -21,8 +21,11 @@ PACKAGES = (
 
 
 def describe_batch(key: str) -> str:
-    batch, _, threads = key.partition("x")
-    return f"{batch} x {threads} forward threads" if threads else batch
+    """A LIMIT configuration's key (``bench.limit.config_key``) in words."""
+    decode_on_forward = key.endswith("d")
+    batch, _, threads = key.removesuffix("d").partition("x")
+    text = f"{batch} x {threads} forward threads" if threads else batch
+    return text + (" decoding their own images" if decode_on_forward else "")
 
 
 TS_CONFIGS = ("torchserve-1w", "torchserve-1w-omp1", "torchserve-2w")

@@ -25,6 +25,7 @@ from typing import Any
 from . import archives, images, report, targets
 from .config import MAX_WARMUP_S, PEER_MODEL, BenchConfig, Timing
 from .gpu import GpuSampler
+from .limit import parse_config_key
 from .report import describe_batch, fmt, overload_reason, ratio
 
 MEDIAN_KEYS = (
@@ -275,7 +276,7 @@ class Runner:
         }
         path = self._write_spec(f"limit-{key}", spec)
         env = targets.base_env(cfg.service_settings())
-        configs = len(spec["batch_sizes"]) * 2 + 1  # 1 and N forward threads, and single
+        configs = len(spec["batch_sizes"]) * 3 + 1  # 1 and N forward threads (pool, own), single
         budget = 120 + configs * (spec["warmup_s"] + spec["repeats"] * spec["duration_s"]) * 3
         return json.loads(
             self._child([sys.executable, "-m", "bench.limit", str(path)], env, budget)
@@ -327,7 +328,7 @@ class Runner:
         (``/predict-job``): T6's bound, what a bare FastAPI app computing off the loop answers in.
         """
         cfg = self.cfg
-        batch, _, threads = str(config).partition("x")
+        batch = parse_config_key(str(config))[0]
         timing = cfg.timing_for(key)
         fresh = cfg.paired_timing_for(key)
         rounds = []
@@ -344,8 +345,7 @@ class Runner:
                     continue
                 if side == "limit":
                     raw = self._limit_child(
-                        key, archive, batch_sizes=[int(batch)],
-                        forward_threads=[int(threads or 1)], repeats=1,
+                        key, archive, batch_sizes=[batch], configs=[str(config)], repeats=1,
                         warmup_s=fresh.warmup_s,
                     )  # fmt: skip
                     window = raw["pipelined"][str(config)]["windows"][0]

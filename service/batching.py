@@ -366,17 +366,26 @@ class Batcher:
         announced: Announced | None = None,
         prepare: PrepareFn | None = None,
     ) -> list[Prediction]:
-        """Queue the images and wait for their predictions, at most until ``deadline``."""
+        """Queue the images and wait for their predictions, at most until ``deadline``.
+
+        If images fail, the first of them in the request's order decides the error, whichever
+        forward thread got to it first (a request's images may be split between two batches).
+        """
         futures = self.submit(inputs, deadline, announced, prepare)
         try:
             remaining = max(0.0, deadline - time.monotonic())
-            return list(await asyncio.wait_for(asyncio.gather(*futures), remaining))
+            gathered = asyncio.gather(*futures, return_exceptions=True)
+            outcomes = await asyncio.wait_for(gathered, remaining)
         except asyncio.TimeoutError:
             self._m_rejected.labels(*self._mv, "timeout").inc()
             raise RequestTimeout(_timeout_detail()) from None
         finally:
             for future in futures:  # the worker skips cancelled items before compute
                 future.cancel()
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return list(outcomes)
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new work, let queued work finish, stop the workers; True if they stopped."""

@@ -39,7 +39,13 @@ from trainer.archive import (
 from . import heap
 from .batching import Batcher
 from .errors import Conflict, InvalidRequest, NotFound, Unavailable
-from .inference import ModelRunner, Preprocessor, lone_image_threads, use_torchscript
+from .inference import (
+    ModelRunner,
+    Preprocessor,
+    decode_on_forward_thread,
+    lone_image_threads,
+    use_torchscript,
+)
 from .metrics import Metrics
 from .settings import Settings, available_cpus
 
@@ -64,6 +70,8 @@ class ModelEntry:
     runner: ModelRunner | None = None
     preprocessor: Preprocessor | None = None
     batcher: Batcher | None = None
+    # DECODE_ON_FORWARD_THREAD: uploads go to the batcher undecoded, its forward threads decode
+    decode_on_forward_thread: bool = False
     device: str | None = None
     load_seconds: float | None = None
     metrics: Metrics | None = field(default=None, repr=False)
@@ -390,6 +398,10 @@ class Registry:
             entry.card, entry.runner, entry.preprocessor = card, runner, preprocessor
             entry.device, entry.load_seconds = str(runner.device), round(elapsed, 3)
             entry.batcher = batcher
+            entry.decode_on_forward_thread = decode_on_forward_thread(
+                settings.decode_on_forward_thread, card.input_size, runner.device.type,
+                batcher.workers,
+            )  # fmt: skip
             entry.preprocess_histogram = self.metrics.preprocess.labels(*mv)
         for hook in self.on_ready:
             hook(entry)

@@ -49,6 +49,12 @@ class Settings(BaseSettings):
         "one GIL release per batch instead of one per layer); auto: on a CPU for every input "
         "size, on other devices for inputs of at most 64x64 pixels",
     )  # fmt: skip
+    decode_on_forward_thread: Literal["auto", "on", "off"] = Field(
+        "auto", description="decode each upload on the forward thread that computes its batch "
+        "instead of in the preprocessing pool (one thread hand-off per request instead of "
+        "two); auto: on a CPU with two or more forward threads, for inputs of at most 64x64 "
+        "pixels, where decoding costs more than the forward",
+    )  # fmt: skip
     max_batch_size: int = Field(16, ge=1, le=4096)
     max_batch_delay_ms: float = Field(0.0, ge=0.0, le=10_000.0)
     max_queue: int = Field(256, ge=1, le=1_000_000, description="images waiting per model version")
@@ -117,7 +123,10 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 8 characters")
         return value
 
-    @field_validator("log_format", "log_level", "precision", "warmup", "malloc", mode="before")
+    @field_validator(
+        "log_format", "log_level", "precision", "warmup", "malloc", "torchscript",
+        "decode_on_forward_thread", mode="before",
+    )  # fmt: skip
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

@@ -189,6 +189,19 @@ def _point(img_s: float, p50: float, p99: float) -> dict:
     }
 
 
+def test_limit_configuration_keys_round_trip_and_read_as_words() -> None:
+    from bench.limit import config_key, parse_config_key
+
+    for setup in [(16, 1, False), (16, 2, False), (8, 2, True)]:
+        assert parse_config_key(config_key(*setup)) == setup
+    assert [config_key(*c) for c in [(16, 1, False), (16, 2, False), (8, 2, True)]] == [
+        "16", "16x2", "8x2d",
+    ]  # fmt: skip
+    assert report.describe_batch("16x2") == "16 x 2 forward threads"
+    assert report.describe_batch("8x2d") == "8 x 2 forward threads decoding their own images"
+    assert report.describe_batch("16") == "16"
+
+
 def test_ratios_pass_and_fail_from_one_run() -> None:
     models = {
         "r18": {
@@ -561,6 +574,17 @@ def test_dry_run_prints_the_plan_and_starts_nothing() -> None:
     assert "'DEVICE': 'cuda'" in done.stdout
 
 
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_a_missing_images_folder_is_one_line(command: str, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", command, "--images", str(tmp_path / "nowhere")]
+        + (["--variant", "base:"] if command == "compare" else []),
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == f"bench: --images {tmp_path / 'nowhere'}: no such folder\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # real runs (slow)
 # ---------------------------------------------------------------------------------------------
@@ -628,6 +652,9 @@ def test_short_run_against_the_real_service(bench_cache: Path, tmp_path: Path) -
     r20 = result["models"]["r20"]
     assert r20["limit"]["img_s"] > 0
     assert r20["limit"]["single"]["p50_s"] > 0
+    if r20["limit"]["settings"]["decode_on_forward_thread"]:  # as the service: 2+ CPUs
+        assert r20["limit"]["batch_4x2d"]["img_s"] > 0  # forward threads decoding, no pool
+        assert r20["limit"]["batch_4x2"]["img_s"] > 0  # and the pool feeding them
     assert r20["paired"]["warmup_s"] == 2.0  # one 2 s window, more than --warmup 0.5
     [paired] = r20["paired"]["rounds"]  # the LIMIT, the floor around its job, a fresh service
     assert paired["order"] == ["limit", "floor-job", "service"]

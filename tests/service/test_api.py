@@ -213,6 +213,49 @@ def test_a_bad_image_fails_the_whole_request_naming_its_index(client: httpx.Clie
     assert_error(response, 400, "1")
 
 
+def test_decoding_on_the_forward_threads_answers_as_the_pool_does(start_service, served_store):
+    """DECODE_ON_FORWARD_THREAD on (auto's choice for small inputs on a CPU) and off: the same
+    probabilities for lone, multipart and concurrent requests, and the same errors, naming the
+    first bad image of a request."""
+    images = [digit_png(d) for d in DIGITS]
+    good = images[3]
+    raw = {"content-type": "image/png"}
+    answers = {}
+    for mode in ("on", "off"):
+        server = start_service(store=served_store, env={"DECODE_ON_FORWARD_THREAD": mode})
+        with ThreadPoolExecutor(len(images)) as pool, server.client() as client:
+            lone = [client.post("/predict", content=data, headers=raw) for data in images]
+            together = client.post("/topk", files=files(*images), params={"k": 3})
+            concurrent = list(
+                pool.map(lambda d: client.post("/predict", content=d, headers=raw), images)
+            )
+            bad = [
+                client.post("/predict", files=files(good, good, b"%PDF-1.4 no", good[:40])),
+                client.post("/topk", files=files(good, good[:60], b"plain text")),
+                client.post("/predict", content=good[:60], headers=raw),
+            ]
+            ok = [together, *lone, *concurrent]
+            assert all(r.status_code == 200 for r in ok), [r.text for r in ok]
+            answers[mode] = {
+                "lone": [r.json()["predictions"][0] for r in lone],
+                "concurrent": [r.json()["predictions"][0] for r in concurrent],
+                "topk": together.json()["predictions"],
+                "errors": [(r.status_code, r.json()["detail"]) for r in bad],
+            }
+        server.stop()
+    on, off = answers["on"], answers["off"]
+    assert on["errors"] == off["errors"]
+    assert [status for status, _ in on["errors"]] == [415, 400, 400]
+    assert "image 2" in on["errors"][0][1] and "image 1" in on["errors"][1][1]
+    for key in ("lone", "concurrent"):
+        for a, b in zip(on[key], off[key], strict=True):
+            assert a["class_id"] == b["class_id"]
+            assert a["confidence"] == pytest.approx(b["confidence"], abs=1e-5)
+    assert [p["class_id"] for p in on["lone"]] == [p["class_id"] for p in on["concurrent"]]
+    for a, b in zip(on["topk"], off["topk"], strict=True):
+        assert [c["class_id"] for c in a["topk"]] == [c["class_id"] for c in b["topk"]]
+
+
 def test_too_many_images_is_413(client: httpx.Client):
     tiny = digit_png(1, 8)
     assert_error(client.post("/predict", files=files(*[tiny] * 65)), 413)

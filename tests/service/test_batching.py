@@ -382,6 +382,33 @@ def test_an_image_that_fails_to_decode_on_the_forward_thread_fails_alone():
     assert batcher.close(timeout=5)
 
 
+def test_the_first_failing_image_in_request_order_decides_across_forward_threads():
+    """A request's images split over two forward threads: image 3 fails at once on one, image 1
+    later on the other; the request fails with image 1's error (the contract names the first
+    bad image), and its good images were computed (no thread stalls on the failure)."""
+    forward = RecordingForward()
+    batcher = make_batcher(forward, workers=2, max_batch_size=2)
+    threads: set[str] = set()
+
+    def decode(data: float) -> torch.Tensor:
+        threads.add(threading.current_thread().name)
+        if data == 1.0:
+            time.sleep(0.3)
+            raise ValueError("image 1 is bad")
+        if data == 3.0:
+            raise ValueError("image 3 is bad")
+        return item(data)
+
+    async def main():
+        return await batcher.infer([0.0, 1.0, 2.0, 3.0], far(), prepare=decode)
+
+    with pytest.raises(ValueError, match="image 1 is bad"):
+        asyncio.run(main())
+    assert len(threads) == 2  # the split this test is about happened
+    assert sorted(forward.seen) == [0.0, 2.0]
+    assert batcher.close(timeout=5)
+
+
 def test_a_batcher_is_not_idle_while_work_is_queued_announced_or_computed():
     forward = RecordingForward(delay=0.3)
     one_thread = make_batcher(forward, workers=1)

@@ -145,6 +145,16 @@ def test_torchscript_auto_traces_every_size_on_cpu_and_small_inputs_elsewhere() 
     assert use_torchscript("on", (224, 224), "cuda") and not use_torchscript("off", (28, 28))
 
 
+def test_auto_decodes_on_the_forward_threads_only_for_small_inputs_on_a_cpu_with_two() -> None:
+    from service.inference import decode_on_forward_thread as decide
+
+    assert decide("auto", (32, 32), "cpu", 2) and decide("auto", (64, 64), "cpu", 4)
+    assert not decide("auto", (224, 224), "cpu", 2)  # the pool overlaps decoding with forwards
+    assert not decide("auto", (32, 32), "cpu", 1)  # one thread: a slow decode would stall all
+    assert not decide("auto", (32, 32), "cuda", 2)  # the pool keeps the device fed
+    assert decide("on", (224, 224), "cuda", 1) and not decide("off", (28, 28), "cpu", 2)
+
+
 @pytest.mark.slow
 def test_bf16_on_the_cpu_answers_the_digits_as_fp32_does(digits_store) -> None:
     """PRECISION=bf16 on a CPU (the opt-in; ~1.9x faster ResNet-18 where oneDNN has native

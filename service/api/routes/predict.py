@@ -2,8 +2,9 @@
 
 The path of one request: resolve the model version -> stream the body into image parts (byte
 cap) -> decode + preprocess every image in the worker pool (errors name the image's index) ->
-queue the tensors on the version's batcher and await their rows -> JSON. A lone image that
-finds the batcher idle skips the pool: a forward thread decodes and computes it (``_predict``).
+queue the tensors on the version's batcher and await their rows -> JSON. Small-input models on
+a CPU, and a lone image that finds the batcher idle, skip the pool: the forward thread decodes
+the images it computes (``_predict``).
 Everything has one deadline, ``REQUEST_TIMEOUT_S`` after the request arrived (504 past it).
 """
 
@@ -81,6 +82,17 @@ def _timed_preprocess(preprocessor: Preprocessor, histogram: Any, data: bytes) -
     return tensor
 
 
+def _preprocess_numbered(
+    preprocessor: Preprocessor, histogram: Any, count: int, numbered: tuple[int, bytes]
+) -> torch.Tensor:
+    """``_timed_preprocess`` on a forward thread: a failure names the image's index already."""
+    index, data = numbered
+    try:
+        return _timed_preprocess(preprocessor, histogram, data)
+    except Exception as exc:
+        raise _image_error(index, count, exc) from None
+
+
 async def _preprocess_all(
     entry: ModelEntry, parts: Sequence[bytes], pool: ThreadPoolExecutor
 ) -> list[torch.Tensor]:
@@ -156,22 +168,21 @@ async def _predict(
 ) -> list[Prediction]:
     """Decode the images and get their predictions from the version's batcher.
 
-    A lone image on an idle batcher goes to a forward thread undecoded: that thread decodes
-    and computes it (two thread hand-offs instead of four). Otherwise the images are decoded
-    in the pool, announced to the batcher meanwhile, so that a forward about to start with a
-    partial batch waits briefly for them.
+    The images go to the batcher undecoded, and the forward thread that takes them decodes
+    them just before its forward (one thread hand-off each way), when the version decodes on
+    its forward threads (``DECODE_ON_FORWARD_THREAD``: small inputs on a CPU) or when a lone
+    image finds the batcher idle. Otherwise they are decoded in the pool, announced to the
+    batcher meanwhile, so that a forward about to start with a partial batch waits briefly
+    for them.
     """
     batcher, preprocessor = entry.batcher, entry.preprocessor
     if batcher is None or preprocessor is None:
         raise Unavailable(f"{entry.label} is not loaded; retry")
-    if len(parts) == 1 and batcher.idle():
-        prepare = functools.partial(_timed_preprocess, preprocessor, entry.preprocess_histogram)
-        try:
-            return await batcher.infer(parts, deadline, prepare=prepare)
-        except ServiceError:
-            raise
-        except Exception as exc:  # raised by ``prepare`` on the forward thread
-            raise _image_error(0, 1, exc) from None
+    if entry.decode_on_forward_thread or (len(parts) == 1 and batcher.idle()):
+        prepare = functools.partial(
+            _preprocess_numbered, preprocessor, entry.preprocess_histogram, len(parts)
+        )
+        return await batcher.infer(list(enumerate(parts)), deadline, prepare=prepare)
     announced = batcher.announce(len(parts))
     try:
         try:
