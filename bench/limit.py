@@ -108,13 +108,18 @@ def pipelined(
             futures = [inflight.popleft() for _ in range(batch)]
             refill()
         tensors = [future.result() for future in futures]
-        start = time.perf_counter()
-        probs = runner.forward(runner.stack(tensors))
-        probs.max(dim=1)
-        forward_times.append(time.perf_counter() - start)
+        _timed_forward(runner, tensors, forward_times)
         return batch
 
     return step
+
+
+def _timed_forward(runner: Any, tensors: list[Any], forward_times: list[float]) -> None:
+    """Stack, forward and take the top-1 of one batch, as the batcher does; record its time."""
+    start = time.perf_counter()
+    probs = runner.forward(runner.stack(tensors))
+    probs.max(dim=1)
+    forward_times.append(time.perf_counter() - start)
 
 
 def decoding(entry: Any, images: list[bytes], batch: int, timing: dict) -> Any:
@@ -134,10 +139,7 @@ def decoding(entry: Any, images: list[bytes], batch: int, timing: dict) -> Any:
         with lock:
             first, cursor = cursor, cursor + batch
         tensors = [preprocessor(images[(first + i) % len(images)]) for i in range(batch)]
-        start = time.perf_counter()
-        probs = runner.forward(runner.stack(tensors))
-        probs.max(dim=1)
-        forward_times.append(time.perf_counter() - start)
+        _timed_forward(runner, tensors, forward_times)
         return batch
 
     return step
@@ -267,13 +269,13 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             # one forward thread, and as many as the service's batcher has (the limit is the
             # better of the two: the service's helpers only run when they pay off); where the
             # service decodes on its forward threads, that way too (the best of all counts)
-            configs = [
-                (threads, False) for threads in spec.get("forward_threads") or sorted({1, workers})
-            ]
-            if entry.decode_on_forward_thread and workers > 1:
-                configs.append((workers, True))
             if spec.get("configs"):  # the paired rounds: exactly these
                 configs = [parse_config_key(key)[1:] for key in spec["configs"]]
+            else:
+                threads_asked = spec.get("forward_threads") or sorted({1, workers})
+                configs = [(threads, False) for threads in threads_asked]
+                if entry.decode_on_forward_thread and workers > 1:
+                    configs.append((workers, True))
             pool = ThreadPoolExecutor(settings.pool_threads, thread_name_prefix="preprocess")
             try:
                 for threads, decode_on_forward in configs:

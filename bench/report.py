@@ -14,6 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .limit import parse_config_key
+
 PACKAGES = (
     "torch", "torchvision", "numpy", "pillow", "fastapi", "starlette", "uvicorn", "uvloop",
     "httptools", "orjson", "python-multipart", "pydantic", "torchserve", "psutil",
@@ -22,9 +24,8 @@ PACKAGES = (
 
 def describe_batch(key: str) -> str:
     """A LIMIT configuration's key (``bench.limit.config_key``) in words."""
-    decode_on_forward = key.endswith("d")
-    batch, _, threads = key.removesuffix("d").partition("x")
-    text = f"{batch} x {threads} forward threads" if threads else batch
+    batch, threads, decode_on_forward = parse_config_key(key)
+    text = f"{batch} x {threads} forward threads" if threads > 1 else str(batch)
     return text + (" decoding their own images" if decode_on_forward else "")
 
 

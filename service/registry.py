@@ -386,6 +386,10 @@ class Registry:
                 lone_threads=lone, lone_example=torch.zeros(runner.input_shape),
             )  # fmt: skip
             batcher.start()
+            decodes_on_forward_thread = decode_on_forward_thread(
+                settings.decode_on_forward_thread, card.input_size, runner.device.type,
+                batcher.workers,
+            )  # fmt: skip
         except ArchiveError as exc:
             self._failed(entry, str(exc))
             return
@@ -398,10 +402,7 @@ class Registry:
             entry.card, entry.runner, entry.preprocessor = card, runner, preprocessor
             entry.device, entry.load_seconds = str(runner.device), round(elapsed, 3)
             entry.batcher = batcher
-            entry.decode_on_forward_thread = decode_on_forward_thread(
-                settings.decode_on_forward_thread, card.input_size, runner.device.type,
-                batcher.workers,
-            )  # fmt: skip
+            entry.decode_on_forward_thread = decodes_on_forward_thread
             entry.preprocess_histogram = self.metrics.preprocess.labels(*mv)
         for hook in self.on_ready:
             hook(entry)
