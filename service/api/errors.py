@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -47,11 +49,49 @@ def validation_detail(errors: list[dict[str, Any]]) -> str:
     return "invalid request: " + "; ".join(parts) + more if parts else "invalid request"
 
 
-async def service_error(_request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ServiceError)
-    if exc.status_code >= 500:
-        log.warning("%d: %s", exc.status_code, exc.detail)
-    return error_response(exc.status_code, exc.detail, exc.headers or None)
+class ThrottledWarnings:
+    """Log a server-side error answer at most once per ``interval_s`` for each status.
+
+    Why: under overload the service answers hundreds of 503s (queue full) or 504s a second;
+    a log line each would flood the operator's logs and spend the event loop's time on
+    logging just when it has none to spare. The first answer of a status is logged at once,
+    the next one after ``interval_s`` says how many were left out meanwhile; the exact counts
+    are in ``/metrics`` (``rejected_total``). Event-loop only: no lock.
+    """
+
+    def __init__(
+        self, logger: logging.Logger, interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
+        self.logger, self.interval_s, self.clock = logger, interval_s, clock
+        self._last: dict[int, float] = {}  # status -> when it was last logged
+        self._left_out: dict[int, int] = {}  # status -> answers not logged since
+
+    def warn(self, status: int, detail: str) -> None:
+        now = self.clock()
+        last = self._last.get(status)
+        if last is not None and now - last < self.interval_s:
+            self._left_out[status] = self._left_out.get(status, 0) + 1
+            return
+        left_out = self._left_out.pop(status, 0)
+        self._last[status] = now
+        if left_out:
+            self.logger.warning(
+                "%d: %s (and %d more %d answers in the last %.0f s)",
+                status, detail, left_out, status, now - (last or now),
+            )  # fmt: skip
+        else:
+            self.logger.warning("%d: %s", status, detail)
+
+
+def service_error_handler(warnings: ThrottledWarnings) -> Callable[..., Any]:
+    async def service_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServiceError)
+        if exc.status_code >= 500:
+            warnings.warn(exc.status_code, exc.detail)
+        return error_response(exc.status_code, exc.detail, exc.headers or None)
+
+    return service_error
 
 
 async def client_input_error(_request: Request, exc: Exception) -> Response:
@@ -100,7 +140,7 @@ async def server_error(request: Request, exc: Exception) -> Response:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(ServiceError, service_error_handler(ThrottledWarnings(log)))
     app.add_exception_handler(ImageRejected, client_input_error)
     app.add_exception_handler(UploadRejected, client_input_error)
     app.add_exception_handler(RequestValidationError, request_validation_error)
