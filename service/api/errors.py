@@ -75,10 +75,10 @@ class ThrottledWarnings:
             return
         left_out = self._left_out.pop(status, 0)
         self._last[status] = now
-        if left_out:
+        if left_out and last is not None:  # answers were left out only after one was logged
             self.logger.warning(
                 "%d: %s (and %d more %d answers in the last %.0f s)",
-                status, detail, left_out, status, now - (last or now),
+                status, detail, left_out, status, now - last,
             )  # fmt: skip
         else:
             self.logger.warning("%d: %s", status, detail)
