@@ -64,6 +64,11 @@ class Preprocessor:
     def __call__(self, data: bytes) -> torch.Tensor:
         return self.preset(self.decode(data)).contiguous()
 
+    def batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Decoded images (``decode``) -> the model's float input batch ``[N, C, H, W]``: the
+        same tensor as stacking ``self(data)`` of each, in one call (``EvalPreset.batch``)."""
+        return self.preset.batch(images)
+
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``PRECISION`` on ``device`` (None = plain fp32).

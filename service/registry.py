@@ -378,7 +378,8 @@ class Registry:
                     settings.threads, card.input_size,
                 )  # fmt: skip
             batcher = Batcher(
-                runner.forward, stack_fn=runner.stack, max_batch_size=settings.max_batch_size,
+                runner.forward, stack_fn=runner.stack, finish_fn=preprocessor.batch,
+                max_batch_size=settings.max_batch_size,
                 max_queue=settings.max_queue, max_delay_s=settings.max_batch_delay_ms / 1000,
                 name=f"{card.name}-v{card.version}", labels=card.labels,
                 metrics=self.metrics, metric_labels=mv, workers=settings.forward_workers,
@@ -505,7 +506,8 @@ class Registry:
 
 
 def _warm_preprocessor(preprocessor: Preprocessor) -> None:
-    """Decode + preprocess one small PNG so the first request pays no import/kernel cost."""
+    """Decode + preprocess one small PNG, alone and as a batch, so the first request pays no
+    import, kernel or TorchScript compilation cost."""
     import io
 
     from PIL import Image
@@ -514,5 +516,7 @@ def _warm_preprocessor(preprocessor: Preprocessor) -> None:
     Image.new("RGB", (48, 40), (120, 60, 30)).save(buffer, format="PNG")
     try:
         preprocessor(buffer.getvalue())
+        for _ in range(2):  # compiles the batch preset, then runs it as compiled
+            preprocessor.batch([preprocessor.decode(buffer.getvalue())])
     except Exception:  # a warm-up only: a decoder problem shows on real requests
         log.warning("preprocessing warm-up failed", exc_info=True)

@@ -14,6 +14,7 @@ import torch
 
 from service.batching import Batcher, collect_batch, is_out_of_memory
 from service.errors import InferenceFailed, ModelDraining, QueueFull, RequestTimeout
+from service.metrics import Metrics
 
 CLASSES = 4
 
@@ -379,6 +380,36 @@ def test_an_image_that_fails_to_decode_on_the_forward_thread_fails_alone():
     assert isinstance(bad, ValueError)  # the decoder's own error, for the route to map to 4xx
     assert good[0].class_id == 3 and busy[0].class_id == 0
     assert forward.batches == [[0.0], [3.0]]
+    assert batcher.close(timeout=5)
+
+
+def test_the_decoded_images_of_a_batch_are_finished_together_and_timed():
+    """``finish_fn`` gets the batch's decoded images (not the one that failed) in one call, its
+    rows are what the forward computes, and each image observes the preprocessing histogram."""
+    forward = RecordingForward(delay=0.2)
+    finished: list[list[float]] = []
+
+    def finish(decoded):
+        finished.append([float(t[0]) for t in decoded])
+        return torch.stack(list(decoded)) + 100
+
+    metrics = Metrics()
+    batcher = make_batcher(forward, finish_fn=finish, metrics=metrics, metric_labels=("m", "1"))
+
+    async def main():
+        busy = asyncio.ensure_future(batcher.infer([item(0)], far()))
+        await asyncio.sleep(0.05)  # the worker computes: the next request queues up whole
+        bad = RecordingDecode()
+        three = asyncio.ensure_future(batcher.infer([1.0, -1.0, 2.0], far(), prepare=bad))
+        return await asyncio.gather(busy, three, return_exceptions=True)
+
+    busy, three = asyncio.run(main())
+    assert isinstance(three, ValueError)  # the request fails on its bad image
+    assert finished == [[1.0, 2.0]]
+    assert forward.batches == [[0.0], [101.0, 102.0]]
+    labels = {"model": "m", "version": "1"}
+    assert metrics.registry.get_sample_value("imgserve_preprocess_seconds_count", labels) == 2
+    assert 0 < metrics.registry.get_sample_value("imgserve_preprocess_seconds_sum", labels) < 1
     assert batcher.close(timeout=5)
 
 

@@ -8,7 +8,8 @@ This module imports only torch/torchvision: it is also packed into archives for 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -137,6 +138,54 @@ class EvalPreset:
         for kernel in self._kernels:
             image = kernel(image)
         return image
+
+    def batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``torch.stack([self(image) for image in images])``, in one TorchScript call.
+
+        Same kernels, same tensor (tests/trainer/test_presets.py), channels-last memory. Why:
+        each kernel called from Python lets go of the GIL and takes it back, about eight times
+        an image; where the service decodes on its forward threads, the event loop and the
+        other forward thread take it meanwhile and the thread waits to get it back. One call
+        per batch lets go once. ResNet-20@32 at C=32 (8 alternating ``bench compare`` rounds
+        on the 64 reference JPEGs): 708 -> 888 img/s (medians), 2.0 -> 1.7 CPU ms a request.
+        """
+        size = _resize_size(self.spec)
+        crop = None if self.spec.resize_mode == "squash" else list(self.spec.input_size)
+        return _scripted_batch()(
+            list(images), size, _INTERPOLATIONS[self.spec.interpolation], crop,
+            list(self.spec.mean), list(self.spec.std),
+        )  # fmt: skip
+
+
+def _eval_batch(
+    images: list[torch.Tensor],
+    size: list[int],
+    interpolation: InterpolationMode,
+    crop: list[int] | None,
+    mean: list[float],
+    std: list[float],
+) -> torch.Tensor:
+    """``EvalPreset``'s kernels over a batch: resize (and crop) each image, then convert and
+    normalise the stacked batch (element-wise, so the same numbers as image by image)."""
+    rows = []
+    for image in images:
+        image = F.resize_image(image, size=size, interpolation=interpolation, antialias=True)
+        if crop is not None:
+            image = F.center_crop_image(image, output_size=crop)
+        rows.append(image.permute(1, 2, 0))  # HWC: a view for the decoder's channels-last images
+    batch = torch.stack(rows).permute(0, 3, 1, 2)  # [N, C, H, W] in channels-last memory
+    batch = F.to_dtype_image(batch, dtype=torch.float32, scale=True)
+    return F.normalize_image(batch, mean=mean, std=std)
+
+
+@functools.cache
+def _scripted_batch() -> Callable[..., torch.Tensor]:
+    """``_eval_batch`` compiled by TorchScript once per process, on first use."""
+    with warnings.catch_warnings():
+        # torch.jit is deprecated in favour of torch.compile, which needs a compiler toolchain
+        # at run time; scripting these kernels needs none and gives the measured gain
+        warnings.simplefilter("ignore")
+        return torch.jit.script(_eval_batch)
 
 
 class TrainPreset:

@@ -82,13 +82,16 @@ def _timed_preprocess(preprocessor: Preprocessor, histogram: Any, data: bytes) -
     return tensor
 
 
-def _preprocess_numbered(
-    preprocessor: Preprocessor, histogram: Any, count: int, numbered: tuple[int, bytes]
+def _decode_numbered(
+    preprocessor: Preprocessor, count: int, numbered: tuple[int, bytes]
 ) -> torch.Tensor:
-    """``_timed_preprocess`` on a forward thread: a failure names the image's index already."""
+    """``preprocessor.decode`` on a forward thread: a failure names the image's index already.
+
+    The batcher preprocesses the batch's decoded images together (``Preprocessor.batch``) and
+    observes the preprocessing histogram."""
     index, data = numbered
     try:
-        return _timed_preprocess(preprocessor, histogram, data)
+        return preprocessor.decode(data)
     except Exception as exc:
         raise _image_error(index, count, exc) from None
 
@@ -179,9 +182,7 @@ async def _predict(
     if batcher is None or preprocessor is None:
         raise Unavailable(f"{entry.label} is not loaded; retry")
     if entry.decode_on_forward_thread or (len(parts) == 1 and batcher.idle()):
-        prepare = functools.partial(
-            _preprocess_numbered, preprocessor, entry.preprocess_histogram, len(parts)
-        )
+        prepare = functools.partial(_decode_numbered, preprocessor, len(parts))
         return await batcher.infer(list(enumerate(parts)), deadline, prepare=prepare)
     announced = batcher.announce(len(parts))
     try:
