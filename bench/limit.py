@@ -114,10 +114,11 @@ def pipelined(
     return step
 
 
-def _timed_forward(runner: Any, tensors: list[Any], forward_times: list[float]) -> None:
-    """Stack, forward and take the top-1 of one batch, as the batcher does; record its time."""
+def _timed_forward(runner: Any, tensors: Any, forward_times: list[float]) -> None:
+    """Stack (a list), forward and take the top-1 of one batch, as the batcher does; record
+    its time."""
     start = time.perf_counter()
-    probs = runner.forward(runner.stack(tensors))
+    probs = runner.forward(runner.stack(tensors) if isinstance(tensors, list) else tensors)
     probs.max(dim=1)
     forward_times.append(time.perf_counter() - start)
 
@@ -126,7 +127,8 @@ def decoding(entry: Any, images: list[bytes], batch: int, timing: dict) -> Any:
     """A step function: decode ``batch`` images on this thread, then forward them.
 
     What the service's forward threads do when the version decodes on them
-    (``DECODE_ON_FORWARD_THREAD``): no pool, each forward thread decodes its own batch.
+    (``DECODE_ON_FORWARD_THREAD``): no pool, each forward thread decodes its own batch and
+    preprocesses it in one call (``Preprocessor.batch``), as the batcher does.
     Thread-safe: each call takes the next ``batch`` images of the shared sequence.
     """
     preprocessor, runner = entry.preprocessor, entry.runner
@@ -138,8 +140,10 @@ def decoding(entry: Any, images: list[bytes], batch: int, timing: dict) -> Any:
         nonlocal cursor
         with lock:
             first, cursor = cursor, cursor + batch
-        tensors = [preprocessor(images[(first + i) % len(images)]) for i in range(batch)]
-        _timed_forward(runner, tensors, forward_times)
+        decoded = [
+            preprocessor.decode_array(images[(first + i) % len(images)]) for i in range(batch)
+        ]
+        _timed_forward(runner, preprocessor.batch(decoded), forward_times)
         return batch
 
     return step
@@ -216,7 +220,8 @@ def _completion_rate(inside: list[tuple[float, int]], start: float, end: float) 
 
 
 def single(entry: Any, images: list[bytes], latencies: list[float]) -> Any:
-    """A step function: one image, decode to answer, on this thread."""
+    """A step function: one image, decode to answer, on this thread (decoded, then
+    preprocessed by ``Preprocessor.batch``, as the service's forward thread does a lone image)."""
     preprocessor, runner = entry.preprocessor, entry.runner
     cursor = 0
 
@@ -225,7 +230,7 @@ def single(entry: Any, images: list[bytes], latencies: list[float]) -> Any:
         data = images[cursor % len(images)]
         cursor += 1
         start = time.perf_counter()
-        probs = runner.forward(runner.stack([preprocessor(data)]))
+        probs = runner.forward(preprocessor.batch([preprocessor.decode_array(data)]))
         probs.max(dim=1)
         latencies.append(time.perf_counter() - start)
         return 1

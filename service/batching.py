@@ -61,8 +61,8 @@ log = logging.getLogger("service.batching")
 
 ForwardFn = Callable[[torch.Tensor], torch.Tensor]
 StackFn = Callable[[Sequence[torch.Tensor]], torch.Tensor]
-PrepareFn = Callable[[Any], torch.Tensor]
-FinishFn = Callable[[Sequence[torch.Tensor]], torch.Tensor]
+PrepareFn = Callable[[Any], Any]  # an image's bytes -> a row, or what ``finish_fn`` takes
+FinishFn = Callable[[Sequence[Any]], torch.Tensor]
 _STOP = object()  # queued by close(): everything before it is served, then the worker exits
 
 
@@ -75,7 +75,7 @@ class WorkItem:
     loop: asyncio.AbstractEventLoop
     enqueued: float  # time.monotonic()
     deadline: float  # time.monotonic() after which the image is not computed any more
-    # bytes -> tensor (decoded, for ``Batcher.finish_fn``), run by the worker before the forward
+    # bytes -> decoded image (for ``Batcher.finish_fn``), run by the worker before the forward
     prepare: PrepareFn | None = None
 
 
@@ -496,7 +496,7 @@ class Batcher:
         if expired:
             self._m_rejected.labels(*self._mv, "timeout").inc(len(expired))
             self._fail(expired, RequestTimeout(_timeout_detail()))
-        live = self._prepare(live)
+        live, prepared = self._prepare(live)
         if not live:
             return
         wide = self.lone_threads > 1 and len(live) == 1 and self._alone()
@@ -504,8 +504,9 @@ class Batcher:
         start = time.perf_counter()
         try:
             with intra_op_threads(self.lone_threads) if wide else contextlib.nullcontext():
-                batch = self.stack_fn([item.input for item in live])
-                probs = self._forward(batch)
+                if prepared is None:
+                    prepared = self.stack_fn([item.input for item in live])
+                probs = self._forward(prepared)
             if probs.ndim != 2 or probs.shape[0] != len(live):
                 raise RuntimeError(
                     f"forward returned shape {tuple(probs.shape)} for {len(live)} inputs"
@@ -536,9 +537,10 @@ class Batcher:
             quiet = self._busy <= 1 and self._pending == 0 and self._incoming == 0
         return quiet and time.monotonic() >= self._wide_after
 
-    def _prepare(self, items: list[WorkItem]) -> list[WorkItem]:
+    def _prepare(self, items: list[WorkItem]) -> tuple[list[WorkItem], torch.Tensor | None]:
         """Decode the images sent undecoded, then preprocess them together (``finish_fn``);
-        one that fails to decode goes back to its caller alone.
+        one that fails to decode goes back to its caller alone. Returns the items left and,
+        when ``finish_fn`` made all of their rows, the batch itself (None: stack the rows).
 
         Each observes the preprocessing histogram: its decode plus its share of the batch's.
         """
@@ -558,16 +560,19 @@ class Batcher:
             ready.append(item)
         if failed:
             self._deliver(failed)
+        batch = None
         if decoded:
             start = time.perf_counter()
             if self.finish_fn is not None:
-                rows = self.finish_fn([item.input for item, _ in decoded])
-                for (item, _), row in zip(decoded, rows, strict=True):
-                    item.input = row
+                batch = self.finish_fn([item.input for item, _ in decoded])
+                if len(decoded) < len(ready):  # others came preprocessed: stack them all
+                    for (item, _), row in zip(decoded, batch, strict=True):
+                        item.input = row
+                    batch = None
             share = (time.perf_counter() - start) / len(decoded)
             for _, seconds in decoded:
                 self._m_preprocess.observe(seconds + share)
-        return ready
+        return ready, batch
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Run ``forward_fn``; on out-of-memory split the batch in halves and retry them."""

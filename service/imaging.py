@@ -31,7 +31,7 @@ Decisions (the HTTP contract in issue 3 and the hostile-input rules in issue 6):
 - **Speed.** With ``target_size`` (the size the image is resized to next), a JPEG at least
   four times larger on both sides is decoded by libjpeg at 1/2, 1/4 or 1/8 scale
   (``Image.draft``), never below twice the target, and directly in grayscale for "L" models.
-  Other JPEGs go to ``torchvision.io.decode_jpeg`` in ``decode_to_tensor``: on the 64 bench
+  Other JPEGs go to ``torchvision.io.decode_jpeg`` in ``decode_to_array``: on the 64 bench
   photos it decodes full-scale images in about 60% of Pillow's CPU time, with bit-identical
   pixels (same libjpeg-turbo settings), while Pillow's draft wins whenever a reduced scale
   applies. The pixel cap and the EXIF orientation still come from Pillow's header read, so
@@ -155,15 +155,49 @@ def convert_mode(image: Image.Image, color_mode: str) -> Image.Image:
         raise ImageRejected(415, f"unsupported pixel format {image.mode}: {exc}") from None
 
 
+def to_array(image: Image.Image, color_mode: str) -> np.ndarray:
+    """A decoded image -> a fresh uint8 ``[H, W, C]`` array: C=1 for "L", 3 for "RGB"."""
+    array = np.array(convert_mode(image, color_mode), dtype=np.uint8)  # writable copy
+    return array.reshape(*array.shape[:2], -1)
+
+
 def to_tensor(image: Image.Image, color_mode: str) -> torch.Tensor:
     """A decoded image -> uint8 ``[C, H, W]``: C=1 for "L", 3 for "RGB".
 
     The result is a permuted view of a fresh H x W x C array (channels-last memory), which
     torchvision's uint8 resize handles on its fast path; ``.contiguous()`` it if needed.
     """
-    array = np.array(convert_mode(image, color_mode), dtype=np.uint8)  # writable copy
-    tensor = torch.from_numpy(array)
-    return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+    return torch.from_numpy(to_array(image, color_mode)).permute(2, 0, 1)
+
+
+def decode_to_array(
+    data: bytes,
+    *,
+    max_pixels: int,
+    color_mode: str,
+    target_size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Untrusted bytes -> a contiguous uint8 ``[H, W, C]`` array in ``color_mode``; raises
+    ``ImageRejected``.
+
+    ``target_size`` ``(H, W)``: the size the image will be resized to next. A JPEG at least
+    four times larger on both sides is decoded by Pillow at a reduced scale; other JPEGs go
+    to torchvision's decoder when it is there (same pixels, faster); everything else, and
+    any JPEG torchvision fails on, is decoded by Pillow.
+
+    An array, not a tensor: every torch tensor made and freed from Python lets go of the GIL
+    (a decode ending in a tensor view did 6 of its 8.6 hand-offs an image there, counted with
+    a perf probe on ``PyEval_SaveThread``); the service's forward threads pack a batch's arrays
+    into one tensor instead (``EvalPreset.batch``).
+    """
+    if color_mode not in COLOR_MODES:
+        raise ValueError(f"color_mode must be 'L' or 'RGB', not {color_mode!r}")
+    image, limit = _open_checked(data, max_pixels)
+    if _is_jpeg(image):
+        array = _decode_jpeg_full_scale(data, image, color_mode, target_size)
+        if array is not None:
+            return array
+    return to_array(_finish(image, limit, target_size, color_mode), color_mode)
 
 
 def decode_to_tensor(
@@ -173,21 +207,11 @@ def decode_to_tensor(
     color_mode: str,
     target_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Untrusted bytes -> uint8 ``[C, H, W]`` in ``color_mode``; raises ``ImageRejected``.
-
-    ``target_size`` ``(H, W)``: the size the image will be resized to next. A JPEG at least
-    four times larger on both sides is decoded by Pillow at a reduced scale; other JPEGs go
-    to torchvision's decoder when it is there (same pixels, faster); everything else, and
-    any JPEG torchvision fails on, is decoded by Pillow.
-    """
-    if color_mode not in COLOR_MODES:
-        raise ValueError(f"color_mode must be 'L' or 'RGB', not {color_mode!r}")
-    image, limit = _open_checked(data, max_pixels)
-    if _is_jpeg(image):
-        tensor = _decode_jpeg_full_scale(data, image, color_mode, target_size)
-        if tensor is not None:
-            return tensor
-    return to_tensor(_finish(image, limit, target_size, color_mode), color_mode)
+    """``decode_to_array`` as uint8 ``[C, H, W]`` (a view in channels-last memory)."""
+    array = decode_to_array(
+        data, max_pixels=max_pixels, color_mode=color_mode, target_size=target_size
+    )
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 def effective_pixel_limit(max_pixels: int) -> int:
@@ -259,7 +283,7 @@ def _draft(image: Image.Image, target_size: tuple[int, int] | None, mode: str | 
 
 def _decode_jpeg_full_scale(
     data: bytes, header: Image.Image, color_mode: str, target_size: tuple[int, int] | None
-) -> torch.Tensor | None:
+) -> np.ndarray | None:
     """torchvision's libjpeg-turbo decode when no reduced scale applies; None: use Pillow.
 
     The orientation is read by Pillow (first EXIF APP1, XMP fallback) and applied here, so
@@ -275,9 +299,7 @@ def _decode_jpeg_full_scale(
     except Exception:  # noqa: BLE001 - corrupt or unusual: Pillow decodes or gives the verdict
         return None
     tensor = _orient(tensor, _orientation(header))
-    if tensor.shape[0] == 1:
-        return tensor
-    return tensor.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # channels-last, as Pillow's
+    return tensor.permute(1, 2, 0).contiguous().numpy()  # [H, W, C], as Pillow's
 
 
 def _orient(tensor: torch.Tensor, orientation: int) -> torch.Tensor:

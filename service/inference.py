@@ -27,13 +27,14 @@ import threading
 import warnings
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from trainer.archive import ModelCard
 from trainer.data.presets import EvalPreset
 
-from .imaging import decode_to_tensor
+from .imaging import decode_to_array, decode_to_tensor
 
 log = logging.getLogger("service.inference")
 
@@ -64,9 +65,18 @@ class Preprocessor:
     def __call__(self, data: bytes) -> torch.Tensor:
         return self.preset(self.decode(data)).contiguous()
 
-    def batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Decoded images (``decode``) -> the model's float input batch ``[N, C, H, W]``: the
-        same tensor as stacking ``self(data)`` of each, in one call (``EvalPreset.batch``)."""
+    def decode_array(self, data: bytes) -> np.ndarray:
+        """``decode`` as a ``[H, W, C]`` uint8 array, for ``batch``."""
+        return decode_to_array(
+            data,
+            max_pixels=self.max_pixels,
+            color_mode=self.spec.color_mode,
+            target_size=self.decode_size,
+        )
+
+    def batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Decoded images (``decode_array``) -> the model's float input batch ``[N, C, H, W]``:
+        the same tensor as stacking ``self(data)`` of each, in one call (``EvalPreset.batch``)."""
         return self.preset.batch(images)
 
 

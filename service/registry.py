@@ -517,6 +517,6 @@ def _warm_preprocessor(preprocessor: Preprocessor) -> None:
     try:
         preprocessor(buffer.getvalue())
         for _ in range(2):  # compiles the batch preset, then runs it as compiled
-            preprocessor.batch([preprocessor.decode(buffer.getvalue())])
+            preprocessor.batch([preprocessor.decode_array(buffer.getvalue())])
     except Exception:  # a warm-up only: a decoder problem shows on real requests
         log.warning("preprocessing warm-up failed", exc_info=True)

@@ -20,6 +20,7 @@ from service.imaging import (
     ImageRejected,
     convert_mode,
     decode_image,
+    decode_to_array,
     decode_to_tensor,
     effective_pixel_limit,
     sniff_format,
@@ -296,11 +297,15 @@ JPEG_CASES = [case for case in hostile.image_cases() if case.name.startswith("jp
 @pytest.mark.parametrize("color_mode", ["L", "RGB"])
 def test_torchvision_path_gives_pillows_pixels(case: Case, color_mode: str) -> None:
     header = Image.open(io.BytesIO(case.body))
-    fast = imaging._decode_jpeg_full_scale(case.body, header, color_mode, None)
-    assert fast is not None  # the fast path took it
+    array = imaging._decode_jpeg_full_scale(case.body, header, color_mode, None)
+    assert array is not None  # the fast path took it
+    fast = torch.from_numpy(array).permute(2, 0, 1)
     assert torch.equal(fast, pillow_only(case.body, color_mode))
     assert torch.equal(decode_to_tensor(case.body, max_pixels=MAX_PIXELS, color_mode=color_mode),
                        fast)  # fmt: skip
+    assert np.array_equal(
+        decode_to_array(case.body, max_pixels=MAX_PIXELS, color_mode=color_mode), array
+    )
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

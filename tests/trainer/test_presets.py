@@ -58,8 +58,9 @@ def test_the_direct_kernels_give_the_composes_tensor(spec: PreprocessSpec) -> No
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.resize_mode}-{s.interpolation}")
 def test_a_batch_gets_the_tensors_of_its_images_one_by_one(spec: PreprocessSpec) -> None:
     preset = EvalPreset(spec)
-    batch = images(spec.channels)
-    want = torch.stack([preset(image) for image in batch])
+    tensors = images(spec.channels)
+    want = torch.stack([preset(image) for image in tensors])
+    batch = [image.permute(1, 2, 0).numpy() for image in tensors]  # [H, W, C], as decoded
     for got in (preset.batch(batch), preset.batch(batch[3:])):  # the second: other shapes
         assert got.dtype == torch.float32
         assert got.shape == (len(got), spec.channels, *spec.input_size)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
@@ -139,26 +140,33 @@ class EvalPreset:
             image = kernel(image)
         return image
 
-    def batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``torch.stack([self(image) for image in images])``, in one TorchScript call.
+    def batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """``torch.stack([self(image) for image in images])`` for decoded ``[H, W, C]`` uint8
+        arrays, in one TorchScript call on one tensor holding all their pixels.
 
         Same kernels, same tensor (tests/trainer/test_presets.py), channels-last memory. Why:
-        each kernel called from Python lets go of the GIL and takes it back, about eight times
-        an image; where the service decodes on its forward threads, the event loop and the
-        other forward thread take it meanwhile and the thread waits to get it back. One call
-        per batch lets go once. ResNet-20@32 at C=32 (8 alternating ``bench compare`` rounds
-        on the 64 reference JPEGs): 708 -> 888 img/s (medians), 2.0 -> 1.7 CPU ms a request.
+        every kernel called from Python, and every tensor made or freed there, lets go of the
+        GIL and must take it back; where the service decodes on its forward threads, the event
+        loop and the other forward thread take it meanwhile and the thread waits. Counted with
+        a perf probe on ``PyEval_SaveThread``: 30 hand-offs an image for ``self(image)``, 1 a
+        batch here. ResNet-20@32 at C=32, ``bench compare``, 6 alternating rounds on the 64
+        reference JPEGs: 721 -> 788 img/s (medians), 2.05 -> 1.87 CPU ms a request.
         """
+        arrays = [np.ascontiguousarray(image, dtype=np.uint8) for image in images]
+        # one copy into one buffer (np.concatenate let go of the GIL once per array)
+        pixels = torch.frombuffer(bytearray().join(arrays), dtype=torch.uint8)
         size = _resize_size(self.spec)
         crop = None if self.spec.resize_mode == "squash" else list(self.spec.input_size)
         return _scripted_batch()(
-            list(images), size, _INTERPOLATIONS[self.spec.interpolation], crop,
+            pixels, [list(array.shape) for array in arrays], size,
+            _INTERPOLATIONS[self.spec.interpolation], crop,
             list(self.spec.mean), list(self.spec.std),
         )  # fmt: skip
 
 
 def _eval_batch(
-    images: list[torch.Tensor],
+    pixels: torch.Tensor,
+    shapes: list[list[int]],
     size: list[int],
     interpolation: InterpolationMode,
     crop: list[int] | None,
@@ -166,13 +174,19 @@ def _eval_batch(
     std: list[float],
 ) -> torch.Tensor:
     """``EvalPreset``'s kernels over a batch: resize (and crop) each image, then convert and
-    normalise the stacked batch (element-wise, so the same numbers as image by image)."""
+    normalise the stacked batch (element-wise, so the same numbers as image by image).
+
+    ``pixels`` holds the ``[H, W, C]`` images (``shapes``) one after the other."""
     rows = []
-    for image in images:
+    offset = 0
+    for shape in shapes:
+        count = shape[0] * shape[1] * shape[2]
+        image = pixels[offset : offset + count].view(shape).permute(2, 0, 1)
+        offset += count
         image = F.resize_image(image, size=size, interpolation=interpolation, antialias=True)
         if crop is not None:
             image = F.center_crop_image(image, output_size=crop)
-        rows.append(image.permute(1, 2, 0))  # HWC: a view for the decoder's channels-last images
+        rows.append(image.permute(1, 2, 0))  # back to HWC: a view, the memory is channels-last
     batch = torch.stack(rows).permute(0, 3, 1, 2)  # [N, C, H, W] in channels-last memory
     batch = F.to_dtype_image(batch, dtype=torch.float32, scale=True)
     return F.normalize_image(batch, mean=mean, std=std)

@@ -84,14 +84,14 @@ def _timed_preprocess(preprocessor: Preprocessor, histogram: Any, data: bytes) -
 
 def _decode_numbered(
     preprocessor: Preprocessor, count: int, numbered: tuple[int, bytes]
-) -> torch.Tensor:
-    """``preprocessor.decode`` on a forward thread: a failure names the image's index already.
+) -> np.ndarray:
+    """``preprocessor.decode_array`` on a forward thread: a failure names the image's index.
 
     The batcher preprocesses the batch's decoded images together (``Preprocessor.batch``) and
     observes the preprocessing histogram."""
     index, data = numbered
     try:
-        return preprocessor.decode(data)
+        return preprocessor.decode_array(data)
     except Exception as exc:
         raise _image_error(index, count, exc) from None
 
