@@ -214,3 +214,42 @@ def test_a_lone_image_computed_with_more_threads_gets_the_same_answer() -> None:
         worker.join()
     assert torch.allclose(answers[1], answers[2], atol=1e-5, rtol=0)
     assert int(answers[-2]) == 1  # restored after the block
+
+
+@pytest.mark.parametrize(("size", "color_mode"), [(32, "L"), (96, "RGB")])
+def test_a_decoded_batch_gets_each_images_own_input(size: int, color_mode: str) -> None:
+    """The forward threads' path (``decode_array`` then ``batch``) gives every image the tensor
+    that decoding and preprocessing it alone gives: real photos as JPEGs (full scale and
+    reduced-scale decodes, an EXIF rotation) and PNGs with and without alpha."""
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from service.inference import Preprocessor
+
+    bodies = []
+    for photo in load_sample_images().images:  # 427x640 RGB
+        image = Image.fromarray(photo)
+        for scale, fmt in ((1.0, "JPEG"), (0.3, "JPEG"), (0.12, "PNG")):
+            small = image.resize((int(640 * scale), int(427 * scale)))
+            buffer = io.BytesIO()
+            exif = Image.Exif()
+            if fmt == "JPEG" and scale == 0.3:
+                exif[0x0112] = 6  # stored sideways: the decoder turns it
+            small.save(buffer, format=fmt, exif=exif)
+            bodies.append(buffer.getvalue())
+    rgba = Image.new("RGBA", (50, 70), (200, 10, 10, 90))
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    bodies.append(buffer.getvalue())
+
+    card = _card(
+        "resnet20" if color_mode == "L" else "resnet18", size, 1 if color_mode == "L" else 3
+    )
+    preprocessor = Preprocessor(card, max_pixels=10_000_000)
+    want = torch.stack([preprocessor(body) for body in bodies])
+    got = preprocessor.batch([preprocessor.decode_array(body) for body in bodies])
+    assert got.shape == (len(bodies), card.in_chans, size, size)
+    assert torch.equal(got, want)
+    assert torch.equal(preprocessor.batch([preprocessor.decode_array(bodies[4])]), want[4:5])
