@@ -167,7 +167,12 @@ def to_tensor(image: Image.Image, color_mode: str) -> torch.Tensor:
     The result is a permuted view of a fresh H x W x C array (channels-last memory), which
     torchvision's uint8 resize handles on its fast path; ``.contiguous()`` it if needed.
     """
-    return torch.from_numpy(to_array(image, color_mode)).permute(2, 0, 1)
+    return array_to_tensor(to_array(image, color_mode))
+
+
+def array_to_tensor(array: np.ndarray) -> torch.Tensor:
+    """A ``[H, W, C]`` array -> the uint8 ``[C, H, W]`` view of it (channels-last memory)."""
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 def decode_to_array(
@@ -208,10 +213,9 @@ def decode_to_tensor(
     target_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """``decode_to_array`` as uint8 ``[C, H, W]`` (a view in channels-last memory)."""
-    array = decode_to_array(
-        data, max_pixels=max_pixels, color_mode=color_mode, target_size=target_size
+    return array_to_tensor(
+        decode_to_array(data, max_pixels=max_pixels, color_mode=color_mode, target_size=target_size)
     )
-    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 def effective_pixel_limit(max_pixels: int) -> int:

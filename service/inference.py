@@ -34,7 +34,7 @@ from torch import nn
 from trainer.archive import ModelCard
 from trainer.data.presets import EvalPreset
 
-from .imaging import decode_to_array, decode_to_tensor
+from .imaging import array_to_tensor, decode_to_array
 
 log = logging.getLogger("service.inference")
 
@@ -55,18 +55,14 @@ class Preprocessor:
 
     def decode(self, data: bytes) -> torch.Tensor:
         """Untrusted bytes -> uint8 ``[C, H, W]`` in the card's colour mode (raises ImageRejected)."""
-        return decode_to_tensor(
-            data,
-            max_pixels=self.max_pixels,
-            color_mode=self.spec.color_mode,
-            target_size=self.decode_size,
-        )
+        return array_to_tensor(self.decode_array(data))
 
     def __call__(self, data: bytes) -> torch.Tensor:
         return self.preset(self.decode(data)).contiguous()
 
     def decode_array(self, data: bytes) -> np.ndarray:
-        """``decode`` as a ``[H, W, C]`` uint8 array, for ``batch``."""
+        """Untrusted bytes -> a ``[H, W, C]`` uint8 array (``decode`` before the view), for
+        ``batch``."""
         return decode_to_array(
             data,
             max_pixels=self.max_pixels,

@@ -516,7 +516,8 @@ def _warm_preprocessor(preprocessor: Preprocessor) -> None:
     Image.new("RGB", (48, 40), (120, 60, 30)).save(buffer, format="PNG")
     try:
         preprocessor(buffer.getvalue())
+        decoded = preprocessor.decode_array(buffer.getvalue())
         for _ in range(2):  # compiles the batch preset, then runs it as compiled
-            preprocessor.batch([preprocessor.decode_array(buffer.getvalue())])
+            preprocessor.batch([decoded])
     except Exception:  # a warm-up only: a decoder problem shows on real requests
         log.warning("preprocessing warm-up failed", exc_info=True)
