@@ -367,7 +367,7 @@ class Registry:
                 max_batch_size=settings.max_batch_size,
             )  # fmt: skip
             if settings.warmup == "all":
-                runner.warmup(range(1, settings.max_batch_size + 1))
+                runner.warmup(runner.warmup_sizes())
             preprocessor = Preprocessor(card, max_pixels=settings.max_image_pixels)
             _warm_preprocessor(preprocessor)
             mv = (card.name, str(card.version))

@@ -95,7 +95,9 @@ class Settings(BaseSettings):
         "collection of them took ~300 ms with the GIL held, every ~6 s under load",
     )  # fmt: skip
     warmup: Literal["all", "none"] = Field(
-        "all", description="'all': one forward per batch size before ready; 'none' for tests"
+        "all",
+        description="'all': one forward per batch size (on CUDA per padded size: 1, 2, 4, ...) "
+        "before ready; 'none' for tests",
     )
     admin_api_key: SecretStr | None = None
     api_key: SecretStr | None = None
