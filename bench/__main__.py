@@ -85,6 +85,7 @@ def parser() -> argparse.ArgumentParser:
     prof.add_argument("--duration", type=float, default=15.0)
     prof.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     prof.add_argument("--svg", action="store_true", help="also write a flame graph")
+    prof.add_argument("--loadgen-procs", type=int, default=1, help="load-generator processes")
     comp = sub.add_parser("compare", help="service variants in alternating rounds")
     comp.add_argument("--model", default="r20", choices=sorted(MODELS))
     comp.add_argument("--target", default="service", choices=("service", "limit"))
@@ -96,6 +97,7 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--duration", type=float, default=3.0)
     comp.add_argument("--warmup", type=float, default=1.5)
     comp.add_argument("--images", type=Path, help="a folder of images (default: generated set)")
+    comp.add_argument("--loadgen-procs", type=int, default=1, help="load-generator processes")
     sub.add_parser("images", help="write the generated image set into bench/.cache/images")
     sub.add_parser("archives", help="build (or reuse) the benchmark archives")
     return top
@@ -310,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = profile(
             args.model, concurrency=args.concurrency, duration_s=args.duration,
             settings=_settings(args.set), target=args.target, svg=args.svg,
+            loadgen_procs=args.loadgen_procs,
         )  # fmt: skip
         print_profile(summary)
         return 0
@@ -320,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model, args.variant, concurrency=args.concurrency, rounds=args.rounds,
             timing=Timing(warmup_s=args.warmup, duration_s=args.duration), target=args.target,
             open_fraction=args.open_loop, images_dir=args.images,
+            loadgen_procs=args.loadgen_procs,
         )  # fmt: skip
         print_compare(out)
         return 0

@@ -102,6 +102,7 @@ def profile(
     target: str = "service",
     svg: bool = False,
     rate: int = 97,
+    loadgen_procs: int = 1,
 ) -> dict[str, Any]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
@@ -111,7 +112,10 @@ def profile(
     stamp = time.strftime("%Y%m%d-%H%M%S")
     from .config import BenchConfig
 
-    cfg = BenchConfig(models=(model,), targets=(target,), repeats=1, service_env=settings)
+    cfg = BenchConfig(
+        models=(model,), targets=(target,), repeats=1, service_env=settings,
+        loadgen_procs=loadgen_procs,
+    )  # fmt: skip
     runner = Runner(cfg)
     archive = archives.ensure(archives.MODELS[model], CACHE)
     runner.image_set = images.ensure(None, CACHE)
@@ -197,6 +201,7 @@ def compare(
     target: str = "service",
     open_fraction: float | None = None,
     images_dir: Path | None = None,
+    loadgen_procs: int = 1,
 ) -> dict[str, Any]:
     from trainer.archive import read_card
 
@@ -208,7 +213,9 @@ def compare(
     results: dict[str, dict[str, list[dict[str, Any]]]] = {
         name: defaultdict(list) for name, _, _ in parsed
     }
-    runner = Runner(BenchConfig(models=(model,), targets=(target,), repeats=1))
+    runner = Runner(
+        BenchConfig(models=(model,), targets=(target,), repeats=1, loadgen_procs=loadgen_procs)
+    )
     runner.image_set = images.ensure(images_dir, CACHE)
     try:
         for round_index in range(rounds):

@@ -3,11 +3,12 @@
 #   bench/gpu_check.sh IMAGES_DIR OUT_DIR        (BUDGET_S: seconds in all, default 570)
 # 1. the CUDA tests (tests/service/test_cuda.py: padded batches, fp32/bf16/fp16 against the CPU,
 #    the service predicting and explaining on the GPU);
-# 2. where an image's time goes on the GPU (python -m bench.gpu_probe: the forward alone, H2D
-#    copies, CPU decoding with 1..all threads, nvjpeg);
-# 3. the GPU benchmark (python -m bench run --gpu: LIMIT, service, naive app; ResNet-50@224,
+# 2. the GPU benchmark (python -m bench run --gpu: LIMIT, service, naive app; ResNet-50@224,
 #    bf16, batches up to 128), trimmed to a few minutes;
-# 4. a py-spy profile of the service under GPU load, if py-spy is on the PATH.
+# 3. the service decoding on the GPU against decoding in its CPU pool (bench compare);
+# 4. where an image's time goes on the GPU (python -m bench.gpu_probe: the forward alone, H2D
+#    copies, CPU decoding with 1..all threads, nvjpeg, the service's GPU decoding path);
+# 5. a py-spy profile of the service under GPU load, if py-spy is on the PATH.
 # OUT_DIR gets the benchmark's JSON and markdown, the probe's JSON and logs.tgz (every log);
 # a step that fails or overruns leaves the others' results. Needs the project's Python
 # dependencies (PYTHON, default python3) and a GPU, nothing else.
@@ -34,40 +35,49 @@ step environment
 } 2>&1 | tee "$logs/env.txt"
 
 step "CUDA tests"
-timeout "$(allow 150 400)" "$py" -m pytest tests/service/test_cuda.py -q -p no:cacheprovider \
+timeout "$(allow 150 330)" "$py" -m pytest tests/service/test_cuda.py -q -p no:cacheprovider \
   -o addopts="" -p no:warnings -rs > "$logs/cuda-tests.log" 2>&1
 echo "gpu_check: CUDA tests exited $?"
 tail -8 "$logs/cuda-tests.log"
 
 step "ResNet-50 archive"
-archive=$(timeout "$(allow 120 330)" "$py" -c "
+archive=$(timeout "$(allow 120 300)" "$py" -c "
 from bench.archives import MODELS, ensure
 from bench.config import CACHE
 print(ensure(MODELS['r50'], CACHE))" 2> "$logs/archive.log" | tail -1)
 echo "gpu_check: archive ${archive:-not built (see archive.log)}"
 
-step "where the time goes"
-env "${gpu_env[@]}" timeout "$(allow 90 280)" "$py" -m bench.gpu_probe "$archive" "$images" \
-  --seconds 2 --out "$out/probe.json" > /dev/null 2> "$logs/probe.log"
-echo "gpu_check: probe exited $?"
-cat "$out/probe.json" 2> /dev/null || tail -20 "$logs/probe.log"
-
 step "GPU benchmark"
-timeout "$(allow 330 45)" "$py" -m bench run --gpu --images "$images" --results-dir "$out" \
+timeout "$(allow 200 100)" "$py" -m bench run --gpu --images "$images" --results-dir "$out" \
   --results-md "$out/RESULTS.md" --no-install-torchserve --targets limit,service,naive \
-  --concurrency 1,32,256 --repeats 1 --duration 5 --warmup 3 --paired-rounds 0 \
+  --concurrency 1,32,256 --repeats 1 --duration 4 --warmup 2 --paired-rounds 0 \
   --capacity-probes 1,0.8 --label "gpu-$(hostname -s)" > "$logs/bench.log" 2>&1
 echo "gpu_check: bench exited $?"
 grep -E '^\| (limit|service|naive)|^LIMIT|capacity|^bench:' "$logs/bench.log" | tail -30
+
+step "decoding on the GPU against the CPU pool, C=256"
+variant=$(IFS=,; echo "${gpu_env[*]}")
+timeout "$(allow 75 40)" "$py" -m bench compare --model r50 --images "$images" \
+  --variant "nvjpeg:$variant,DECODE_ON_GPU=on" --variant "cpu-pool:$variant,DECODE_ON_GPU=off" \
+  --concurrency 256 --rounds 1 --duration 4 --warmup 3 --loadgen-procs 4 \
+  > "$logs/compare.log" 2>&1
+echo "gpu_check: compare exited $?"
+tail -12 "$logs/compare.log"
+
+step "where the time goes"
+env "${gpu_env[@]}" timeout "$(allow 50 3)" "$py" -m bench.gpu_probe "$archive" "$images" \
+  --seconds 1.5 --out "$out/probe.json" > /dev/null 2> "$logs/probe.log"
+echo "gpu_check: probe exited $?"
+cat "$out/probe.json" 2> /dev/null || tail -20 "$logs/probe.log"
 
 if command -v py-spy > /dev/null && [ $((budget - SECONDS)) -gt 40 ]; then
   step "py-spy profile of the service at C=256"
   args=()
   for setting in "${gpu_env[@]}"; do args+=(--set "$setting"); done
-  timeout "$(allow 70 5)" "$py" -m bench profile --model r50 --concurrency 256 --duration 10 \
-    "${args[@]}" > "$logs/profile.log" 2>&1
+  timeout "$(allow 60 3)" "$py" -m bench profile --model r50 --concurrency 256 --duration 8 \
+    --loadgen-procs 4 "${args[@]}" > "$logs/profile.log" 2>&1
   echo "gpu_check: profile exited $?"
-  head -60 "$logs/profile.log"
+  head -50 "$logs/profile.log"
 fi
-tar -czf "$out/logs.tgz" -C "$logs" . -C "$PWD/bench/.cache" logs profiles 2> /dev/null
+tar -czf "$out/logs.tgz" -C "$logs" . -C "$PWD/bench/.cache" logs profiles compare 2> /dev/null
 step done

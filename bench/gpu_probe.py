@@ -13,7 +13,10 @@ settings from the environment: ``DEVICE=cuda PRECISION=bf16 MAX_BATCH_SIZE=128``
 - ``cpu_decode_preprocess``: ``Preprocessor`` (PIL decode with draft mode + the card's preset)
   on the image set with 1, 4, 8 and all-core threads, as the service's pool runs it;
 - ``nvjpeg_decode_resize``: ``torchvision.io.decode_jpeg(..., device="cuda")`` on batches of
-  the same JPEGs, then a resize on the GPU: what decoding on the GPU would give instead.
+  the same JPEGs, then a resize on the GPU;
+- ``header_checks_cpu`` / ``decode_on_gpu_path``: the service's ``DECODE_ON_GPU`` path on one
+  thread (``GpuPreprocessor``): the CPU's header checks alone, and checks + batch decode +
+  preset on the device.
 
 Prints one JSON object (also written to ``--out``). Not part of ``bench run``: the numbers say
 which stage an end-to-end GPU run is bound by.
@@ -49,6 +52,8 @@ def probe(archive: Path, images_dir: Path, batch: int, seconds: float) -> dict[s
     import torch
     from torchvision.io import decode_jpeg
     from torchvision.transforms.v2 import functional as F
+
+    from service.gpu_preprocess import GpuPreprocessor
 
     from .limit import load_entry
 
@@ -110,6 +115,18 @@ def probe(archive: Path, images_dir: Path, batch: int, seconds: float) -> dict[s
                 out["nvjpeg_decode_resize"] = _rate(nvjpeg, seconds, sync)
             except Exception as exc:  # noqa: BLE001 (a build without nvjpeg: say so, go on)
                 out["nvjpeg_decode_resize"] = {"error": f"{type(exc).__name__}: {exc}"}
+            # the service's DECODE_ON_GPU path, on one thread: header checks on the CPU, then
+            # one batch decode + preset on the device; and the CPU's share alone
+            device_path = entry.gpu_preprocessor or GpuPreprocessor(preprocessor, runner.device)
+            batch_bodies = (bodies * (batch // len(bodies) + 1))[:batch]
+
+            def checks() -> list[Any]:
+                return [device_path.check(body) for body in batch_bodies]
+
+            out["header_checks_cpu"] = _rate(lambda: len(checks()), seconds, lambda: None)
+            out["decode_on_gpu_path"] = _rate(
+                lambda: device_path.batch(checks()).shape[0], seconds, sync
+            )
         finally:
             registry.close()
     return out

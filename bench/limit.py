@@ -124,7 +124,8 @@ def _timed_forward(runner: Any, tensors: Any, forward_times: list[float]) -> Non
 
 
 def decoding(entry: Any, images: list[bytes], batch: int, timing: dict) -> Any:
-    """A step function: decode ``batch`` images on this thread, then forward them.
+    """A step function: decode ``batch`` images on this thread (or, with ``DECODE_ON_GPU``,
+    check their headers here and decode them on the device), then forward them.
 
     What the service's forward threads do when the version decodes on them
     (``DECODE_ON_FORWARD_THREAD``): no pool, each forward thread decodes its own batch and
@@ -132,6 +133,11 @@ def decoding(entry: Any, images: list[bytes], batch: int, timing: dict) -> Any:
     Thread-safe: each call takes the next ``batch`` images of the shared sequence.
     """
     preprocessor, runner = entry.preprocessor, entry.runner
+    # DECODE_ON_GPU: the thread only checks headers; the batch is decoded on the device
+    gpu = entry.gpu_preprocessor
+    prepare, finish = (
+        (gpu.check, gpu.batch) if gpu else (preprocessor.decode_array, preprocessor.batch)
+    )
     cursor = 0
     lock = threading.Lock()
     forward_times: list[float] = timing.setdefault("forward_s", [])
@@ -140,10 +146,8 @@ def decoding(entry: Any, images: list[bytes], batch: int, timing: dict) -> Any:
         nonlocal cursor
         with lock:
             first, cursor = cursor, cursor + batch
-        decoded = [
-            preprocessor.decode_array(images[(first + i) % len(images)]) for i in range(batch)
-        ]
-        _timed_forward(runner, preprocessor.batch(decoded), forward_times)
+        decoded = [prepare(images[(first + i) % len(images)]) for i in range(batch)]
+        _timed_forward(runner, finish(decoded), forward_times)
         return batch
 
     return step
@@ -271,6 +275,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 "pipelined": {},
             }
             result["decode_on_forward_thread"] = entry.decode_on_forward_thread
+            result["decode_on_gpu"] = entry.gpu_preprocessor is not None
             # one forward thread, and as many as the service's batcher has (the limit is the
             # better of the two: the service's helpers only run when they pay off); where the
             # service decodes on its forward threads, that way too (the best of all counts)
@@ -279,7 +284,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             else:
                 threads_asked = spec.get("forward_threads") or sorted({1, workers})
                 configs = [(threads, False) for threads in threads_asked]
-                if entry.decode_on_forward_thread and workers > 1:
+                if entry.gpu_preprocessor is not None:  # the service never uses the pool then
+                    configs = [(threads, True) for threads in threads_asked]
+                elif entry.decode_on_forward_thread and workers > 1:
                     configs.append((workers, True))
             pool = ThreadPoolExecutor(settings.pool_threads, thread_name_prefix="preprocess")
             try:

@@ -86,9 +86,32 @@ def merge_loadgen(results: list[dict[str, Any]]) -> dict[str, Any]:
         )  # fmt: skip
         windows.append(window)
     merged["windows"] = windows
+    for key in ("concurrency", "rate"):  # each process had its share: the point had the sum
+        shares = [r.get(key) for r in results]
+        if all(share is not None for share in shares):
+            merged[key] = sum(shares)
     merged["loadgen_cpu_total_s"] = sum(r["loadgen_cpu_total_s"] for r in results)
     merged["processes"] = len(results)
     return merged
+
+
+def split_load(load: dict[str, Any], procs: int) -> list[dict[str, Any]]:
+    """One load point (``concurrency`` or ``rate``) shared among up to ``procs`` load-generator
+    processes. Each process holds at least one connection, so C=1 is one process."""
+    procs = max(1, procs)
+    if "concurrency" in load:
+        procs = min(procs, int(load["concurrency"]))
+    shares = []
+    for index in range(procs):
+        share = dict(load)
+        if "concurrency" in load:
+            share["concurrency"] = load["concurrency"] // procs + (
+                index < load["concurrency"] % procs
+            )
+        if "rate" in load:
+            share["rate"] = load["rate"] / procs
+        shares.append(share)
+    return shares
 
 
 MODEL_STEPS = ("limit", "paired", "paired-peer")  # results beside "targets", not in it
@@ -520,7 +543,8 @@ class Runner:
     ) -> dict[str, Any]:
         cfg = self.cfg
         repeats = repeats or cfg.repeats
-        procs = max(1, cfg.loadgen_procs)
+        shares = split_load(load, cfg.loadgen_procs)
+        procs = len(shares)
         base = {
             "host": "127.0.0.1",
             "port": endpoint.port,
@@ -537,14 +561,8 @@ class Runner:
             "raw_latencies": procs > 1,
         }
         specs = []
-        for index in range(procs):
-            spec = {**base, **load}
-            if "concurrency" in load:
-                spec["concurrency"] = max(
-                    1, load["concurrency"] // procs + (index < load["concurrency"] % procs)
-                )
-            if "rate" in load:
-                spec["rate"] = load["rate"] / procs
+        for index, share in enumerate(shares):
+            spec = {**base, **share}
             if index > 0:  # one process reads the server's counters
                 spec["batch_probe"] = None
             specs.append(spec)

@@ -79,6 +79,17 @@ class WorkItem:
     prepare: PrepareFn | None = None
 
 
+class ItemsRejected(Exception):
+    """Raised by a ``finish_fn`` when some of a batch's images cannot be used (a corrupt JPEG
+    that only the batch decode found): ``errors`` maps their positions to what their callers
+    get, ``batch`` holds the rows of the others, in order (None when none are left)."""
+
+    def __init__(self, errors: dict[int, BaseException], batch: torch.Tensor | None) -> None:
+        super().__init__(f"{len(errors)} image(s) rejected")
+        self.errors = errors
+        self.batch = batch
+
+
 @dataclass(slots=True, eq=False)
 class Announced:
     """Images announced to ``batcher`` while they are decoded (``Batcher.announce``)."""
@@ -564,12 +575,21 @@ class Batcher:
         if decoded:
             start = time.perf_counter()
             if self.finish_fn is not None:
-                batch = self.finish_fn([item.input for item, _ in decoded])
-                if len(decoded) < len(ready):  # others came preprocessed: stack them all
+                try:
+                    batch = self.finish_fn([item.input for item, _ in decoded])
+                except ItemsRejected as rejected:  # those go back to their callers alone
+                    self._deliver(
+                        [(decoded[i][0], exc, True) for i, exc in rejected.errors.items()]
+                    )
+                    gone = {id(decoded[i][0]) for i in rejected.errors}
+                    decoded = [pair for pair in decoded if id(pair[0]) not in gone]
+                    ready = [item for item in ready if id(item) not in gone]
+                    batch = rejected.batch
+                if decoded and len(decoded) < len(ready):  # others came preprocessed: stack all
                     for (item, _), row in zip(decoded, batch, strict=True):
                         item.input = row
                     batch = None
-            share = (time.perf_counter() - start) / len(decoded)
+            share = (time.perf_counter() - start) / max(1, len(decoded))
             for _, seconds in decoded:
                 self._m_preprocess.observe(seconds + share)
         return ready, batch

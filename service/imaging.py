@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import io
 import struct
+from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
@@ -198,11 +199,70 @@ def decode_to_array(
     if color_mode not in COLOR_MODES:
         raise ValueError(f"color_mode must be 'L' or 'RGB', not {color_mode!r}")
     image, limit = _open_checked(data, max_pixels)
+    return _decode_opened(data, image, limit, color_mode, target_size)
+
+
+def _decode_opened(
+    data: bytes,
+    image: Image.Image,
+    limit: int,
+    color_mode: str,
+    target_size: tuple[int, int] | None,
+) -> np.ndarray:
     if _is_jpeg(image):
         array = _decode_jpeg_full_scale(data, image, color_mode, target_size)
         if array is not None:
             return array
     return to_array(_finish(image, limit, target_size, color_mode), color_mode)
+
+
+@dataclass(frozen=True, slots=True)
+class UndecodedJpeg:
+    """A JPEG whose header passed every check, left for a GPU's decoder (nvjpeg)."""
+
+    data: bytes
+    orientation: int  # EXIF, read by Pillow as for a CPU decode; applied after decoding
+    name: str = "the image"  # how an error names it ("image 3" in a request of several)
+
+
+def check_or_decode(
+    data: bytes,
+    *,
+    max_pixels: int,
+    color_mode: str,
+    target_size: tuple[int, int] | None = None,
+) -> UndecodedJpeg | np.ndarray:
+    """``decode_to_array``, except that a baseline or progressive JPEG stored in L or RGB is
+    only checked (signature, header, pixel cap) and returned undecoded with its EXIF
+    orientation, for ``service.gpu_preprocess``. Other images (PNG, CMYK JPEGs, ...) are
+    decoded here. Raises ``ImageRejected`` as ``decode_to_array`` does."""
+    if color_mode not in COLOR_MODES:
+        raise ValueError(f"color_mode must be 'L' or 'RGB', not {color_mode!r}")
+    image, limit = _open_checked(data, max_pixels)
+    if _is_jpeg(image) and image.mode in ("L", "RGB") and _ends_after_first_scan(data):
+        return UndecodedJpeg(bytes(data), _orientation(image))
+    return _decode_opened(data, image, limit, color_mode, target_size)
+
+
+def _ends_after_first_scan(data: bytes) -> bool:
+    """Whether an end-of-image marker follows the first scan's header. A truncated JPEG has
+    none; nvjpeg may decode one without an error, libjpeg refuses it (a 400), so such a file
+    is decoded on the CPU. The segments before the scan are skipped by their lengths, so an
+    EXIF thumbnail's own end marker does not count."""
+    pos, size = 2, len(data)
+    while pos + 4 <= size:
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0xDA:  # start of scan
+            return data.rfind(b"\xff\xd9", pos) != -1
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return False
 
 
 def decode_to_tensor(
@@ -302,11 +362,11 @@ def _decode_jpeg_full_scale(
         tensor = _tv_decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
     except Exception:  # noqa: BLE001 - corrupt or unusual: Pillow decodes or gives the verdict
         return None
-    tensor = _orient(tensor, _orientation(header))
+    tensor = orient(tensor, _orientation(header))
     return tensor.permute(1, 2, 0).contiguous().numpy()  # [H, W, C], as Pillow's
 
 
-def _orient(tensor: torch.Tensor, orientation: int) -> torch.Tensor:
+def orient(tensor: torch.Tensor, orientation: int) -> torch.Tensor:
     """Apply an EXIF orientation (1-8) to ``[C, H, W]``, as ``ImageOps.exif_transpose`` does."""
     if orientation in _SWAPPING_ORIENTATIONS:
         tensor = tensor.transpose(-1, -2)

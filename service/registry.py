@@ -39,6 +39,7 @@ from trainer.archive import (
 from . import heap
 from .batching import Batcher
 from .errors import Conflict, InvalidRequest, NotFound, Unavailable
+from .gpu_preprocess import GpuPreprocessor
 from .inference import (
     ModelRunner,
     Preprocessor,
@@ -72,6 +73,8 @@ class ModelEntry:
     batcher: Batcher | None = None
     # DECODE_ON_FORWARD_THREAD: uploads go to the batcher undecoded, its forward threads decode
     decode_on_forward_thread: bool = False
+    # DECODE_ON_GPU: uploads go to the batcher undecoded, decoded and preprocessed on the device
+    gpu_preprocessor: GpuPreprocessor | None = None
     device: str | None = None
     load_seconds: float | None = None
     metrics: Metrics | None = field(default=None, repr=False)
@@ -370,6 +373,8 @@ class Registry:
                 runner.warmup(runner.warmup_sizes())
             preprocessor = Preprocessor(card, max_pixels=settings.max_image_pixels)
             _warm_preprocessor(preprocessor)
+            gpu_preprocessor = _device_preprocessor(settings.decode_on_gpu, preprocessor, runner)
+            finish = gpu_preprocessor.batch if gpu_preprocessor else preprocessor.batch
             mv = (card.name, str(card.version))
             lone = settings.threads  # on a GPU the forward's CPU side needs no more
             if runner.device.type == "cpu":
@@ -378,7 +383,7 @@ class Registry:
                     settings.threads, card.input_size,
                 )  # fmt: skip
             batcher = Batcher(
-                runner.forward, stack_fn=runner.stack, finish_fn=preprocessor.batch,
+                runner.forward, stack_fn=runner.stack, finish_fn=finish,
                 max_batch_size=settings.max_batch_size,
                 max_queue=settings.max_queue, max_delay_s=settings.max_batch_delay_ms / 1000,
                 name=f"{card.name}-v{card.version}", labels=card.labels,
@@ -404,6 +409,7 @@ class Registry:
             entry.device, entry.load_seconds = str(runner.device), round(elapsed, 3)
             entry.batcher = batcher
             entry.decode_on_forward_thread = decodes_on_forward_thread
+            entry.gpu_preprocessor = gpu_preprocessor
             entry.preprocess_histogram = self.metrics.preprocess.labels(*mv)
         for hook in self.on_ready:
             hook(entry)
@@ -503,6 +509,23 @@ class Registry:
         for entry in self.entries():
             if entry.batcher is not None:
                 entry.batcher.close(timeout=self.settings.request_timeout_s + 5)
+
+
+def _device_preprocessor(
+    mode: str, preprocessor: Preprocessor, runner: ModelRunner
+) -> GpuPreprocessor | None:
+    """``DECODE_ON_GPU``: a warmed-up ``GpuPreprocessor`` on the runner's device (auto: CUDA
+    only), or None when off or when decoding there fails its warm-up (the CPU decodes then)."""
+    if mode == "off" or (mode == "auto" and runner.device.type != "cuda"):
+        return None
+    try:
+        gpu_preprocessor = GpuPreprocessor(preprocessor, runner.device)
+        gpu_preprocessor.warm_up()
+    except Exception:  # a torchvision without nvjpeg, say: serve with CPU decoding
+        log.warning("decoding on %s failed its warm-up; the CPU decodes instead", runner.device,
+                    exc_info=True)  # fmt: skip
+        return None
+    return gpu_preprocessor
 
 
 def _warm_preprocessor(preprocessor: Preprocessor) -> None:

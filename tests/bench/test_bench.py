@@ -31,7 +31,14 @@ from bench.loadgen import (
     percentile,
     summarize,
 )
-from bench.runner import Runner, median_of, open_loop_capacity, warmed
+from bench.runner import (
+    Runner,
+    median_of,
+    merge_loadgen,
+    open_loop_capacity,
+    split_load,
+    warmed,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -142,6 +149,39 @@ def test_median_of_windows_and_cpu_per_request() -> None:
     assert out["mean_batch"] is None
     assert out["errors"] == {"503": 1}
     assert out["server_cpu_ms_per_req"] == pytest.approx(1000 * 6.0 / 120)
+
+
+def test_several_load_generators_report_the_whole_load_of_the_point() -> None:
+    """Four processes at C=8 each (a GPU run's C=32): the point is C=32, the open-loop rate
+    the sum of theirs, and the latencies quantiles of all their requests together."""
+
+    def part(concurrency: int | None, rate: float | None, latencies: list[float]) -> dict:
+        window = {"ok": len(latencies), "req_s": 10.0, "img_s": 10.0, "loadgen_cpu_s": 0.1,
+                  "error_count": 0, "errors": {}, "latencies": latencies}  # fmt: skip
+        return {"concurrency": concurrency, "rate": rate, "windows": [window],
+                "loadgen_cpu_total_s": 0.2}  # fmt: skip
+
+    closed = merge_loadgen([part(8, None, [0.01 * (i + 1)] * 10) for i in range(4)])
+    assert closed["concurrency"] == 32 and closed["rate"] is None and closed["processes"] == 4
+    window = closed["windows"][0]
+    assert window["req_s"] == 40.0 and window["ok"] == 40
+    assert window["p50_s"] == pytest.approx(0.02) and window["max_s"] == pytest.approx(0.04)
+    opened = merge_loadgen([part(None, 52.5, [0.01]) for _ in range(4)])
+    assert opened["rate"] == pytest.approx(210.0) and opened["concurrency"] is None
+
+
+def test_a_load_point_is_shared_among_the_load_generators_without_adding_to_it() -> None:
+    def concurrency(load: dict, procs: int) -> list[int]:
+        return [share["concurrency"] for share in split_load(load, procs)]
+
+    assert concurrency({"mode": "closed", "concurrency": 1}, 4) == [1]  # not four of one
+    assert concurrency({"mode": "closed", "concurrency": 3}, 4) == [1, 1, 1]
+    assert concurrency({"mode": "closed", "concurrency": 258}, 4) == [65, 65, 64, 64]
+    rates = [s["rate"] for s in split_load({"mode": "open", "rate": 100.0}, 4)]
+    assert rates == [25.0] * 4
+    assert split_load({"mode": "closed", "concurrency": 32}, 1) == [
+        {"mode": "closed", "concurrency": 32}
+    ]
 
 
 def test_warm_up_covers_a_round_of_the_closed_loop() -> None:

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from service.batching import Batcher, collect_batch, is_out_of_memory
+from service.batching import Batcher, ItemsRejected, collect_batch, is_out_of_memory
 from service.errors import InferenceFailed, ModelDraining, QueueFull, RequestTimeout
 from service.metrics import Metrics
 
@@ -410,6 +410,40 @@ def test_the_decoded_images_of_a_batch_are_finished_together_and_timed():
     labels = {"model": "m", "version": "1"}
     assert metrics.registry.get_sample_value("imgserve_preprocess_seconds_count", labels) == 2
     assert 0 < metrics.registry.get_sample_value("imgserve_preprocess_seconds_sum", labels) < 1
+    assert batcher.close(timeout=5)
+
+
+def test_images_the_batch_finish_rejects_fail_alone_and_the_others_are_computed():
+    """A ``finish_fn`` that finds a bad image only in the batch (nvjpeg refusing a corrupt
+    JPEG) raises ``ItemsRejected``: that image's request fails with its error, the other
+    requests in the same batch get their answers from the rows it did make."""
+    forward = RecordingForward(delay=0.2)
+
+    def finish(decoded):
+        values = [float(t[0]) for t in decoded]
+        good = [t for t in decoded if float(t[0]) != 5.0]
+        errors = {values.index(5.0): ValueError("image 5 is corrupt")} if 5.0 in values else {}
+        batch = torch.stack(good) + 100 if good else None
+        if errors:
+            raise ItemsRejected(errors, batch)
+        return batch
+
+    batcher = make_batcher(forward, finish_fn=finish)
+
+    async def main():
+        busy = asyncio.ensure_future(batcher.infer([item(0)], far()))
+        await asyncio.sleep(0.05)  # the worker computes: the next three queue up together
+        decode = RecordingDecode()
+        requests = [
+            asyncio.ensure_future(batcher.infer([value], far(), prepare=decode))
+            for value in (4.0, 5.0, 6.0)
+        ]
+        return await asyncio.gather(busy, *requests, return_exceptions=True)
+
+    _, four, five, six = asyncio.run(main())
+    assert isinstance(five, ValueError) and "corrupt" in str(five)
+    assert [four[0].class_id, six[0].class_id] == [104 % CLASSES, 106 % CLASSES]
+    assert forward.batches[-1] == [104.0, 106.0]
     assert batcher.close(timeout=5)
 
 

@@ -14,11 +14,17 @@ import httpx
 import pytest
 import torch
 
+from service.batching import ItemsRejected
+from service.gpu_preprocess import GpuPreprocessor
+from service.imaging import ImageRejected
 from service.inference import ModelRunner, Preprocessor
 from trainer.archive import load_model, read_archive
 from trainer.models import build_model
 
-from .conftest import launch
+from .conftest import digit_png, launch
+from .test_api import files
+from .test_gpu_preprocess import _card as _photo_card
+from .test_gpu_preprocess import _digit_jpeg, photos
 from .test_inference import _card, _with_trained_statistics
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -82,6 +88,30 @@ def test_a_gpu_runner_answers_as_the_cpu_does(precision: str) -> None:
 
 
 @needs_cuda
+def test_nvjpeg_decodes_a_batch_as_the_cpu_path_does_and_rejects_a_corrupt_file() -> None:
+    preprocessor = Preprocessor(_photo_card(224, "RGB", "shorter_side"), max_pixels=10_000_000)
+    gpu = GpuPreprocessor(preprocessor, "cuda")
+    bodies = photos()
+    got = gpu.batch([gpu.check(body) for body in bodies.values()])
+    assert got.device.type == "cuda" and got.shape == (len(bodies), 3, 224, 224)
+    want = torch.stack([preprocessor(body) for body in bodies.values()])
+    for name, row, expected in zip(bodies, got.cpu(), want, strict=True):
+        # nvjpeg's IDCT and colour conversion are not libjpeg-turbo's: a grey level or two
+        difference = (row - expected).abs().mean().item()
+        assert difference < 0.03, (name, difference)
+    good = bodies["small"]
+    corrupt = bytearray(good)
+    corrupt[good.index(b"\xff\xdb") + 4] = 0x03  # the frame's quantisation table is gone
+    items = [gpu.check(good), gpu.check(bytes(corrupt), name="image 1"), gpu.check(good)]
+    with pytest.raises(ItemsRejected) as caught:
+        gpu.batch(items)
+    error = caught.value.errors[1]
+    assert list(caught.value.errors) == [1] and isinstance(error, ImageRejected)
+    assert error.status_code == 400 and error.detail.startswith("image 1: corrupt JPEG")
+    assert caught.value.batch.shape == (2, 3, 224, 224)
+
+
+@needs_cuda
 @pytest.mark.slow
 def test_the_trained_digits_network_answers_alike_on_the_gpu_in_bf16(digits_store: Path) -> None:
     archive = read_archive(digits_store / "digits-v1.mar")
@@ -119,6 +149,22 @@ def test_the_service_on_a_gpu_predicts_explains_and_reports_gpu_memory(
                 assert answer.status_code == 200, answer.text
                 right += int(answer.json()["predictions"][0]["label"]) == target
             assert right >= 48, right  # the 4-epoch network: ~0.9 on the CPU
+            # JPEGs: decoded by nvjpeg, labelled as their PNGs are
+            same = 0
+            for digit in range(10):
+                labels = [
+                    client.post("/predict", content=body, headers={"content-type": kind})
+                    .json()["predictions"][0]["label"]
+                    for body, kind in ((_digit_jpeg(digit), "image/jpeg"),
+                                       (digit_png(digit, 64), "image/png"))
+                ]  # fmt: skip
+                same += labels[0] == labels[1]
+            assert same >= 9, same
+            corrupt = bytearray(_digit_jpeg(1))
+            corrupt[corrupt.index(b"\xff\xdb") + 4] = 0x03
+            answer = client.post("/predict", files=files(bodies[0], bytes(corrupt)))
+            assert answer.status_code == 400, answer.text
+            assert answer.json()["detail"].startswith("image 1: corrupt JPEG"), answer.text
             explained = client.post(
                 "/explain", content=bodies[0], headers={"content-type": "image/png"}
             )

@@ -66,3 +66,16 @@ def test_a_batch_gets_the_tensors_of_its_images_one_by_one(spec: PreprocessSpec)
         assert got.shape == (len(got), spec.channels, *spec.input_size)
         assert torch.equal(got, want[len(want) - len(got) :])
     assert torch.equal(preset.batch(batch[:1]), want[:1])
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.resize_mode}-{s.interpolation}")
+def test_a_batch_of_tensors_gets_the_tensors_of_its_images_one_by_one(
+    spec: PreprocessSpec,
+) -> None:
+    """``batch_tensors`` (the GPU path: normalised once per batch) changes no number."""
+    preset = EvalPreset(spec)
+    tensors = images(spec.channels)
+    want = torch.stack([preset(image) for image in tensors])
+    got = preset.batch_tensors(tensors)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert torch.equal(preset.batch_tensors(tensors[:1]), want[:1])

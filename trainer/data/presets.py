@@ -140,6 +140,19 @@ class EvalPreset:
             image = kernel(image)
         return image
 
+    def batch_tensors(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``torch.stack([self(image) for image in images])`` for uint8 ``[C, H, W]`` tensors
+        on any device: each image is resized (and cropped), then the batch is converted and
+        normalised at once (element-wise: the same numbers). On a GPU that is two kernels a
+        batch instead of two an image, and one copy of the mean and std to the device."""
+        *resize, to_float, normalize = self._kernels
+        rows = []
+        for image in images:
+            for kernel in resize:
+                image = kernel(image)
+            rows.append(image)
+        return normalize(to_float(torch.stack(rows)))
+
     def batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """``torch.stack([self(image) for image in images])`` for decoded ``[H, W, C]`` uint8
         arrays, in one TorchScript call on one tensor holding all their pixels.

@@ -25,7 +25,8 @@ from starlette.responses import Response
 
 from ...batching import Prediction
 from ...errors import ModelDraining, RequestTimeout, ServiceError, Unavailable
-from ...imaging import ImageRejected
+from ...gpu_preprocess import GpuPreprocessor
+from ...imaging import ImageRejected, UndecodedJpeg
 from ...inference import Preprocessor
 from ...registry import ModelEntry, Registry
 from ...schemas import ErrorResponse, PredictResponse, TopKResponse, ValidationErrorResponse
@@ -96,6 +97,18 @@ def _decode_numbered(
         raise _image_error(index, count, exc) from None
 
 
+def _check_numbered(
+    gpu_preprocessor: GpuPreprocessor, count: int, numbered: tuple[int, bytes]
+) -> UndecodedJpeg | np.ndarray:
+    """``gpu_preprocessor.check`` on a forward thread: a failure names the image's index, and
+    so does a decoding failure found later in the batch (``GpuPreprocessor.batch``)."""
+    index, data = numbered
+    try:
+        return gpu_preprocessor.check(data, name=_where(index, count))
+    except Exception as exc:
+        raise _image_error(index, count, exc) from None
+
+
 async def _preprocess_all(
     entry: ModelEntry, parts: Sequence[bytes], pool: ThreadPoolExecutor
 ) -> list[torch.Tensor]:
@@ -117,8 +130,12 @@ async def _preprocess_all(
     return tensors
 
 
+def _where(index: int, count: int) -> str:
+    return f"image {index}" if count > 1 else "the image"
+
+
 def _image_error(index: int, count: int, exc: BaseException) -> ServiceError:
-    where = f"image {index}" if count > 1 else "the image"
+    where = _where(index, count)
     if isinstance(exc, ImageRejected):
         return ServiceError(f"{where}: {exc.detail}", status_code=exc.status_code)
     if isinstance(exc, MemoryError):
@@ -181,6 +198,9 @@ async def _predict(
     batcher, preprocessor = entry.batcher, entry.preprocessor
     if batcher is None or preprocessor is None:
         raise Unavailable(f"{entry.label} is not loaded; retry")
+    if entry.gpu_preprocessor is not None:  # DECODE_ON_GPU: headers on the forward thread
+        prepare = functools.partial(_check_numbered, entry.gpu_preprocessor, len(parts))
+        return await batcher.infer(list(enumerate(parts)), deadline, prepare=prepare)
     if entry.decode_on_forward_thread or (len(parts) == 1 and batcher.idle()):
         prepare = functools.partial(_decode_numbered, preprocessor, len(parts))
         return await batcher.infer(list(enumerate(parts)), deadline, prepare=prepare)
