@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -239,30 +240,89 @@ def check_or_decode(
     if color_mode not in COLOR_MODES:
         raise ValueError(f"color_mode must be 'L' or 'RGB', not {color_mode!r}")
     image, limit = _open_checked(data, max_pixels)
-    if _is_jpeg(image) and image.mode in ("L", "RGB") and _ends_after_first_scan(data):
+    if _is_jpeg(image) and image.mode in ("L", "RGB") and _whole_up_to_first_scan(data):
         return UndecodedJpeg(bytes(data), _orientation(image))
     return _decode_opened(data, image, limit, color_mode, target_size)
 
 
-def _ends_after_first_scan(data: bytes) -> bool:
-    """Whether an end-of-image marker follows the first scan's header. A truncated JPEG has
-    none; nvjpeg may decode one without an error, libjpeg refuses it (a 400), so such a file
-    is decoded on the CPU. The segments before the scan are skipped by their lengths, so an
-    EXIF thumbnail's own end marker does not count."""
+def _whole_up_to_first_scan(data: bytes) -> bool:
+    """Whether a JPEG is whole enough to leave to a GPU's decoder: every segment before the
+    first scan fits its length, the frame's sampling factors are 1-4, each component of that
+    scan has a quantisation table defined, and an end-of-image marker follows the scan.
+    nvjpeg decoded a file whose frame names a quantisation table never defined, which libjpeg
+    refuses (seen on an H200, 2026-12-04), and may not notice truncation; a file that fails
+    here is decoded on the CPU and gets its decoder's verdict (a 400). The segments are
+    skipped by their lengths, so an EXIF thumbnail's own markers do not count."""
+    quant_tables: set[int] = set()
+    frame: dict[int, int] | None = {}
+    for marker, body, end in _segments_to_first_scan(data):
+        if marker == 0xDB:
+            tables = _quant_table_ids(body)
+            if tables is None:
+                return False
+            quant_tables |= tables
+        elif marker in _FRAME_MARKERS:
+            frame = _frame_components(body)
+            if frame is None:
+                return False
+        elif marker == 0xDA:
+            count = body[0] if body else 0
+            if count == 0 or len(body) < 1 + 2 * count or frame is None:
+                return False
+            components = [body[1 + 2 * k] for k in range(count)]
+            if any(frame.get(c) not in quant_tables for c in components):
+                return False
+            return data.rfind(b"\xff\xd9", end) != -1
+    return False
+
+
+# start-of-frame markers (0xC4 DHT, 0xC8 JPG and 0xCC DAC share the range)
+_FRAME_MARKERS: Final = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _segments_to_first_scan(data: bytes) -> Iterator[tuple[int, bytes, int]]:
+    """(marker, body, end offset) of each JPEG segment up to and including the first scan's
+    header; ends early, before any scan, at one whose length does not fit."""
     pos, size = 2, len(data)
     while pos + 4 <= size:
         if data[pos] != 0xFF:
-            return False
+            return
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
-        elif marker == 0xDA:  # start of scan
-            return data.rfind(b"\xff\xd9", pos) != -1
-        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            continue
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
             pos += 2
-        else:
-            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-    return False
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        body = data[pos + 4 : pos + 2 + length]
+        if length < 2 or len(body) != length - 2:
+            return
+        pos += 2 + length
+        yield marker, body, pos
+        if marker == 0xDA:
+            return
+
+
+def _quant_table_ids(body: bytes) -> set[int] | None:
+    """The ids a DQT segment defines (tables of 64 one- or two-byte entries); None: malformed."""
+    ids, at = set(), 0
+    while at < len(body):
+        ids.add(body[at] & 0x0F)
+        at += 1 + 64 * (2 if body[at] >> 4 else 1)
+    return ids if at == len(body) else None
+
+
+def _frame_components(body: bytes) -> dict[int, int] | None:
+    """A frame header's component id -> quantisation table id; None: malformed, or sampling
+    factors outside 1-4 (libjpeg: "Bogus sampling factors")."""
+    count = body[5] if len(body) > 5 else 0
+    if count == 0 or len(body) < 6 + 3 * count:
+        return None
+    sampling = [body[7 + 3 * k] for k in range(count)]
+    if any(not (1 <= f >> 4 <= 4 and 1 <= f & 0x0F <= 4) for f in sampling):
+        return None
+    return {body[6 + 3 * k]: body[8 + 3 * k] for k in range(count)}
 
 
 def decode_to_tensor(

@@ -60,6 +60,20 @@ def photos() -> dict[str, bytes]:
     }
 
 
+def bogus_huffman_table(jpeg: bytes) -> bytes:
+    """``jpeg`` with 200 codes of length 1 in its first Huffman table (at most 2 fit): the
+    headers and lengths are whole, libjpeg refuses it ("Bogus Huffman table definition")."""
+    corrupt = bytearray(jpeg)
+    corrupt[jpeg.index(b"\xff\xc4") + 5] = 200
+    return bytes(corrupt)
+
+
+def _patched(jpeg: bytes, marker: bytes, offset: int, value: int) -> bytes:
+    corrupt = bytearray(jpeg)
+    corrupt[jpeg.index(marker) + offset] = value
+    return bytes(corrupt)
+
+
 @pytest.mark.parametrize(("size", "color_mode", "resize_mode"),
                          [(224, "RGB", "shorter_side"), (32, "L", "squash")])  # fmt: skip
 def test_a_batch_decoded_on_the_device_matches_the_cpu_path(
@@ -92,11 +106,7 @@ def test_a_corrupt_jpeg_fails_alone_naming_its_image_and_the_others_get_their_ro
     device_path = GpuPreprocessor(preprocessor, "cpu")
     bodies = photos()
     good = bodies["small"]
-    # the headers Pillow reads are intact, but the frame's quantisation table 0 is missing
-    # (the one table defined says it is table 3): only decoding finds that out
-    corrupt = bytearray(good)
-    corrupt[good.index(b"\xff\xdb") + 4] = 0x03
-    corrupt = bytes(corrupt)
+    corrupt = bogus_huffman_table(good)  # only decoding finds it out
     items = [device_path.check(good), device_path.check(corrupt, name="image 1")]
     items.append(device_path.check(bodies["rotated"]))
     assert isinstance(items[1], UndecodedJpeg) and items[1].name == "image 1"
@@ -123,6 +133,23 @@ def test_the_header_checks_of_a_cpu_decode_still_apply() -> None:
         _encoded(Image.new("RGB", (20, 10), (9, 8, 7)), "PNG"), max_pixels=1000, color_mode="RGB"
     )
     assert isinstance(as_array, np.ndarray) and as_array.shape == (10, 20, 3)
+
+
+@pytest.mark.parametrize(
+    ("marker", "offset", "value"),
+    [(b"\xff\xdb", 4, 0x03), (b"\xff\xc0", 11, 0x00), (b"\xff\xc0", 11, 0x55)],
+    ids=["quantisation-table-undefined", "sampling-factor-0", "sampling-factor-5"],
+)
+def test_a_jpeg_with_a_broken_frame_is_judged_by_the_cpu_decoder(
+    marker: bytes, offset: int, value: int
+) -> None:
+    """Files whose headers libjpeg refuses, and which nvjpeg decoded anyway (a quantisation
+    table never defined: seen on an H200) or may: decoded on the CPU, which answers 400."""
+    preprocessor = Preprocessor(_card(64, "RGB", "shorter_side"), max_pixels=10_000_000)
+    device_path = GpuPreprocessor(preprocessor, "cpu")
+    with pytest.raises(ImageRejected) as caught:
+        device_path.check(_patched(photos()["small"], marker, offset, value))
+    assert caught.value.status_code == 400 and caught.value.detail.startswith("corrupt JPEG")
 
 
 @pytest.mark.parametrize("cut", [300, 0.5, -10], ids=["header", "half", "no-end-marker"])
@@ -168,12 +195,44 @@ def test_the_served_model_answers_alike_when_it_decodes_on_its_device(
                 ):  # fmt: skip
                     assert ours["label"] == theirs["label"]
                     assert ours["confidence"] == pytest.approx(theirs["confidence"], abs=1e-4)
-            corrupt = bytearray(bodies[0])
-            corrupt[bodies[0].index(b"\xff\xdb") + 4] = 0x03  # its quantisation table is gone
-            answer = on_device.post("/predict", files=files(bodies[1], bytes(corrupt), bodies[2]))
+            corrupt = bogus_huffman_table(bodies[0])  # found by the batch decode
+            answer = on_device.post("/predict", files=files(bodies[1], corrupt, bodies[2]))
             assert answer.status_code == 400, answer.text
             assert answer.json()["detail"].startswith("image 1: corrupt JPEG"), answer.text
             assert on_device.post("/predict", files=files(*bodies[:3])).status_code == 200
         assert "Traceback" not in server.log()
     finally:
         server.stop()
+
+
+def _device_path_status(device_path: GpuPreprocessor, body: bytes) -> int:
+    try:
+        rows = device_path.batch([device_path.check(body)])
+    except ImageRejected as exc:
+        return exc.status_code
+    except ItemsRejected as exc:
+        (error,) = exc.errors.values()
+        assert isinstance(error, ImageRejected) and error.detail
+        return error.status_code
+    assert rows.shape[0] == 1 and torch.isfinite(rows).all()
+    return 200
+
+
+@pytest.mark.parametrize("color_mode", ["L", "RGB"])
+def test_the_hostile_corpus_gets_the_contracts_status_on_the_device_path(color_mode: str) -> None:
+    """Every file of the hostile corpus (tests/service/hostile.py: real images of every
+    format and mode, truncated, corrupt, bombs, not images) gets the status the CPU path
+    gives it, through header checks + batch decode + device preset."""
+    from tests.service import hostile
+
+    size = 32 if color_mode == "L" else 64
+    preprocessor = Preprocessor(
+        _card(size, color_mode, "squash"), max_pixels=hostile.DEFAULT_MAX_PIXELS
+    )
+    device_path = GpuPreprocessor(preprocessor, "cpu")
+    wrong = {
+        case.name: status
+        for case in [*hostile.image_cases(), *hostile.broken_cases()]
+        if (status := _device_path_status(device_path, case.body)) != case.status
+    }
+    assert not wrong, wrong
