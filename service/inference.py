@@ -355,7 +355,10 @@ class ModelRunner:
                 else contextlib.nullcontext()
             )
             with autocast:
-                return self.probabilities(x)[:rows].cpu()
+                probs = self.probabilities(x)
+            # the padded rows' answers are dropped (no view made when there are none: on a
+            # CPU every tensor made from Python lets the GIL go once more)
+            return (probs[:rows] if padded > rows else probs).cpu()
 
     def warmup(self, batch_sizes: Iterable[int]) -> None:
         """One forward per batch size, so no client pays a cold start (kernels, allocator)."""
