@@ -25,17 +25,15 @@ the difference).
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from .batching import ItemsRejected
-from .imaging import ImageRejected, UndecodedJpeg, check_or_decode, decode_to_array, orient
+from .imaging import ImageRejected, UndecodedJpeg, array_to_tensor, check_or_decode, orient
 from .inference import Preprocessor
-
-log = logging.getLogger("service.gpu_preprocess")
 
 try:  # deprecated in torchvision 0.29 (TorchCodec replaces it): no GPU decoding without it
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -65,7 +63,7 @@ class GpuPreprocessor:
             target_size=self.preprocessor.decode_size,
         )
         if isinstance(item, UndecodedJpeg) and name != item.name:
-            return UndecodedJpeg(item.data, item.orientation, name)
+            return dataclasses.replace(item, name=name)
         return item
 
     def batch(self, items: Sequence[UndecodedJpeg | np.ndarray]) -> torch.Tensor:
@@ -92,7 +90,7 @@ class GpuPreprocessor:
                         errors[i] = exc
         for i, item in enumerate(items):
             if isinstance(item, np.ndarray):
-                images[i] = torch.from_numpy(item).to(self.device).permute(2, 0, 1)
+                images[i] = array_to_tensor(item).to(self.device)
         rows = [image for image in images if image is not None]
         batch = self._preprocess(rows) if rows else None
         if errors:
@@ -113,15 +111,10 @@ class GpuPreprocessor:
         except Exception:  # noqa: BLE001 - corrupt, or a JPEG nvjpeg does not handle
             pass
         try:
-            array = decode_to_array(
-                jpeg.data,
-                max_pixels=self.preprocessor.max_pixels,
-                color_mode=self.color_mode,
-                target_size=self.preprocessor.decode_size,
-            )
+            array = self.preprocessor.decode_array(jpeg.data)
         except ImageRejected as exc:
             raise ImageRejected(exc.status_code, f"{jpeg.name}: {exc.detail}") from None
-        return torch.from_numpy(array).to(self.device).permute(2, 0, 1)
+        return array_to_tensor(array).to(self.device)
 
     def _preprocess(self, images: list[torch.Tensor]) -> torch.Tensor:
         """The card's eval preset on the device: the rows of ``preset(image)``, stacked."""
