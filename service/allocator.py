@@ -6,7 +6,7 @@ on every call, so each forward maps fresh zeroed pages again: 17,750-28,977 mino
 and 42-58 ms of system time per forward on 2 cores. Under tcmalloc the same forward took
 0 faults and 31.8-34.6 instead of 34.5-41.6 ms per image; in alternating rounds of the
 benchmark the ResNet-18 LIMIT went from 48.0 to 54.4 img/s, and the service at C=32 from 47.6
-to 51.2 img/s with p99 1152 -> 891 ms (README, Benchmarks: what changed). jemalloc with its
+to 51.2 img/s with p99 1152 -> 891 ms (bench/NOTES.md: what was changed). jemalloc with its
 default decay was worse than glibc. PyTorch's CPU performance guide recommends tcmalloc too.
 
 An allocator is chosen when a process starts (``LD_PRELOAD``), before Python runs, so

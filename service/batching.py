@@ -20,7 +20,7 @@ one batch's answers come back as a cohort of new requests decoded one by one; wi
 the first decoded image started a forward of its own (ResNet-50 C=32: 14.3 -> 17.0 img/s and
 138 -> 116 CPU ms per image with the fill and helper backlog 1). A single wait of one image's
 time still split cohorts whose decoding took longer than that: ResNet-18 C=32 mean batch
-10.7 -> 13.9 and ResNet-20 C=32 350 -> 380 img/s with the rolling wait (bench compare, README).
+10.7 -> 13.9 and ResNet-20 C=32 350 -> 380 img/s with the rolling wait (bench compare, bench/NOTES.md).
 
 Lone images (``lone_threads``, ``LONE_IMAGE_THREADS``): a forward of one image while nothing
 else is queued, decoding or computing runs with every core's torch thread, since the other

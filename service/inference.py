@@ -10,7 +10,7 @@ gives the GIL back and takes it again around every layer, and in the service oth
 (event loop, decode pool) hold it for pure-Python work in between. Each re-take can wait out
 the interpreter's switch interval. ResNet-20 at batch 8 with one pure-Python thread beside it:
 eager 10.5 -> 456 ms, traced 8.9 -> 31 ms; ResNet-18: eager 276 -> 805 ms, traced 270 -> 287 ms
-(README, Benchmarks: what changed). A traced graph releases the GIL once per batch. On a CPU
+(bench/NOTES.md: what was changed). A traced graph releases the GIL once per batch. On a CPU
 ``TORCHSCRIPT=auto`` traces every input size: ResNet-20@32 C=1 p50 7.8 -> 6.6 ms, C=32 329 ->
 363 img/s; ResNet-18@224 C=32 80.0 -> 89.8 img/s and 24.1 -> 21.4 CPU ms per request (5
 alternating rounds, 2026-12-03; an earlier single comparison had it slower, 40.4 vs 45.9);
@@ -82,7 +82,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     On CUDA ``auto`` is bf16 where supported, else fp16. On a CPU ``auto`` stays fp32 (the
     answers the trainer evaluated) and ``bf16`` is the opt-in: oneDNN runs bf16 convolutions
     natively on CPUs with AVX512-BF16 or AMX, ResNet-18/50 at batch 16 on one thread of an
-    AMD EPYC (Zen 4) 38 -> 20 and 97 -> 49-60 ms per image (README, Benchmarks); elsewhere it
+    AMD EPYC (Zen 4) 38 -> 20 and 97 -> 49-60 ms per image (bench/NOTES.md); elsewhere it
     is emulated and slower, which the registry logs. fp16 needs CUDA (``Settings`` refuses it).
     """
     if precision == "fp32" or (device.type != "cuda" and precision == "auto"):
@@ -107,7 +107,7 @@ def fold_batch_norm(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
     The same function (up to float rounding), one pass less over every activation: ResNet-18
     at batch 8 on one CPU thread 27.1 -> 30.9 img/s, ResNet-50 9.7 -> 9.8 (interleaved A/B,
-    README, Benchmarks). Pairs are found by structure, not by tracing (torch.fx patches
+    bench/NOTES.md). Pairs are found by structure, not by tracing (torch.fx patches
     ``nn.Module.__call__`` process-wide while it traces, which broke requests running in other
     threads during a hot swap): consecutive Conv2d, BatchNorm2d children of a plain
     ``nn.Sequential``, and convN/bnN of torchvision's ResNet blocks, whose forward applies bnN
@@ -264,7 +264,7 @@ class ModelRunner:
         self.temperature = float(card.temperature)
         self.autocast_dtype = resolve_precision(precision, self.device)
         # channels_last (NHWC) is faster on CUDA and on CPU (oneDNN) alike for these ResNets:
-        # 1.1-1.5x less CPU per image at batch 8-16 (README, Benchmarks: what changed)
+        # 1.1-1.5x less CPU per image at batch 8-16 (bench compare, commit da02b84)
         self.channels_last = True if channels_last is None else channels_last
         model = model.eval().requires_grad_(False).to(self.device)
         if self.channels_last:
