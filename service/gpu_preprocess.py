@@ -25,14 +25,13 @@ the difference).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from .batching import ItemsRejected
-from .imaging import ImageRejected, UndecodedJpeg, array_to_tensor, check_or_decode, orient
+from .imaging import ImageRejected, UndecodedJpeg, array_to_tensor, orient
 from .inference import Preprocessor
 
 try:  # deprecated in torchvision 0.29 (TorchCodec replaces it): no GPU decoding without it
@@ -56,15 +55,7 @@ class GpuPreprocessor:
     def check(self, data: bytes, name: str = "the image") -> UndecodedJpeg | np.ndarray:
         """The CPU's share of one upload: a checked, undecoded JPEG, or another image decoded
         (raises ``ImageRejected`` as a CPU decode does)."""
-        item = check_or_decode(
-            data,
-            max_pixels=self.preprocessor.max_pixels,
-            color_mode=self.color_mode,
-            target_size=self.preprocessor.decode_size,
-        )
-        if isinstance(item, UndecodedJpeg) and name != item.name:
-            return dataclasses.replace(item, name=name)
-        return item
+        return self.preprocessor.check_or_decode(data, name)
 
     def batch(self, items: Sequence[UndecodedJpeg | np.ndarray]) -> torch.Tensor:
         """What ``check`` returned for a batch's images -> their input rows on the device.

@@ -232,16 +232,17 @@ def check_or_decode(
     max_pixels: int,
     color_mode: str,
     target_size: tuple[int, int] | None = None,
+    name: str = "the image",
 ) -> UndecodedJpeg | np.ndarray:
     """``decode_to_array``, except that a baseline or progressive JPEG stored in L or RGB is
     only checked (signature, header, pixel cap) and returned undecoded with its EXIF
-    orientation, for ``service.gpu_preprocess``. Other images (PNG, CMYK JPEGs, ...) are
-    decoded here. Raises ``ImageRejected`` as ``decode_to_array`` does."""
+    orientation and ``name``, for ``service.gpu_preprocess``. Other images (PNG, CMYK JPEGs,
+    ...) are decoded here. Raises ``ImageRejected`` as ``decode_to_array`` does."""
     if color_mode not in COLOR_MODES:
         raise ValueError(f"color_mode must be 'L' or 'RGB', not {color_mode!r}")
     image, limit = _open_checked(data, max_pixels)
     if _is_jpeg(image) and image.mode in ("L", "RGB") and _whole_up_to_first_scan(data):
-        return UndecodedJpeg(bytes(data), _orientation(image))
+        return UndecodedJpeg(bytes(data), _orientation(image), name)
     return _decode_opened(data, image, limit, color_mode, target_size)
 
 

@@ -34,7 +34,7 @@ from torch import nn
 from trainer.archive import ModelCard
 from trainer.data.presets import EvalPreset
 
-from .imaging import array_to_tensor, decode_to_array
+from .imaging import UndecodedJpeg, array_to_tensor, check_or_decode, decode_to_array
 
 log = logging.getLogger("service.inference")
 
@@ -52,6 +52,9 @@ class Preprocessor:
             self.decode_size: tuple[int, int] = (side, side)
         else:
             self.decode_size = (height, width)
+        # what every decode of this version's uploads is called with
+        self._decode_args = {"max_pixels": max_pixels, "color_mode": self.spec.color_mode,
+                             "target_size": self.decode_size}  # fmt: skip
 
     def decode(self, data: bytes) -> torch.Tensor:
         """Untrusted bytes -> uint8 ``[C, H, W]`` in the card's colour mode (raises ImageRejected)."""
@@ -63,12 +66,12 @@ class Preprocessor:
     def decode_array(self, data: bytes) -> np.ndarray:
         """Untrusted bytes -> a ``[H, W, C]`` uint8 array (``decode`` before the view), for
         ``batch``."""
-        return decode_to_array(
-            data,
-            max_pixels=self.max_pixels,
-            color_mode=self.spec.color_mode,
-            target_size=self.decode_size,
-        )
+        return decode_to_array(data, **self._decode_args)
+
+    def check_or_decode(self, data: bytes, name: str = "the image") -> UndecodedJpeg | np.ndarray:
+        """``decode_array``, except that a JPEG a GPU can decode is only checked and returned
+        undecoded (``imaging.check_or_decode``), for ``service.gpu_preprocess``."""
+        return check_or_decode(data, name=name, **self._decode_args)
 
     def batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Decoded images (``decode_array``) -> the model's float input batch ``[N, C, H, W]``:
