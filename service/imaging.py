@@ -29,15 +29,19 @@ Decisions (the HTTP contract in issue 3 and the hostile-input rules in issue 6):
   on **white**, 16-bit and 32-bit grayscale scaled (not clipped) to 8 bits, CMYK, YCbCr, HSV,
   LAB and 1-bit through Pillow's converters. Anything else -> 415.
 - **Speed.** With ``target_size`` (the size the image is resized to next), a JPEG at least
-  four times larger on both sides is decoded by libjpeg at 1/2, 1/4 or 1/8 scale
-  (``Image.draft``), never below twice the target, and directly in grayscale for "L" models.
-  Other JPEGs go to ``torchvision.io.decode_jpeg`` in ``decode_to_array``: on the 64 bench
-  photos it decodes full-scale images in about 60% of Pillow's CPU time, with bit-identical
-  pixels (same libjpeg-turbo settings), while Pillow's draft wins whenever a reduced scale
-  applies. The pixel cap and the EXIF orientation still come from Pillow's header read, so
-  both paths agree; if torchvision fails on a file, Pillow decodes it or gives the verdict,
-  and if a later torchvision drops ``decode_jpeg`` (deprecated since 0.29) Pillow does it all.
-  ``decode_image`` (a PIL image, for overlays) always uses Pillow.
+  four times larger on both sides is decoded by libjpeg at 1/2, 1/4 or 1/8 scale, never below
+  twice the target, and directly in grayscale for "L" models. In ``decode_to_array`` that
+  reduced-scale decode is one ``simplejpeg.decode_jpeg`` call (libjpeg-turbo's scaled IDCT, the
+  GIL released once) at the very scale Pillow's ``Image.draft`` would pick, with bit-identical
+  pixels: on the 64 bench photos it decodes in 0.67 ms of CPU an image against Pillow's 0.87
+  (Pillow's decode loop holds the GIL between chunks), and the ResNet-20 service answered 8%
+  more images a second with it (bench/NOTES.md, 2026-12-04). Other JPEGs go to
+  ``torchvision.io.decode_jpeg``: it decodes full-scale images in about 60% of Pillow's CPU
+  time, also bit-identical. The pixel cap and the EXIF orientation still come from Pillow's
+  header read, so every path agrees; if simplejpeg or torchvision fails on a file, Pillow
+  decodes it or gives the verdict, and if a later torchvision drops ``decode_jpeg``
+  (deprecated since 0.29) Pillow does that part. ``decode_image`` (a PIL image, for overlays)
+  always uses Pillow.
 """
 
 from __future__ import annotations
@@ -53,6 +57,13 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from trainer.data.pixels import COLOR_MODES, to_color_mode
+
+try:  # a declared dependency; without it (a platform with no wheel) Pillow decodes instead
+    from simplejpeg import decode_jpeg as _sj_decode_jpeg
+    from simplejpeg import decode_jpeg_header as _sj_decode_jpeg_header
+except ImportError:  # pragma: no cover
+    _sj_decode_jpeg = None  # type: ignore[assignment]
+    _sj_decode_jpeg_header = None  # type: ignore[assignment]
 
 try:  # deprecated in torchvision 0.29 (TorchCodec replaces it): optional, Pillow otherwise
     from torchvision.io import ImageReadMode as _TvReadMode
@@ -211,7 +222,9 @@ def _decode_opened(
     target_size: tuple[int, int] | None,
 ) -> np.ndarray:
     if _is_jpeg(image):
-        array = _decode_jpeg_full_scale(data, image, color_mode, target_size)
+        array = _decode_jpeg_reduced_scale(data, image, color_mode, target_size)
+        if array is None:
+            array = _decode_jpeg_full_scale(data, image, color_mode, target_size)
         if array is not None:
             return array
     return to_array(_finish(image, limit, target_size, color_mode), color_mode)
@@ -379,13 +392,15 @@ def _is_jpeg(image: Image.Image) -> bool:
 
 
 def _draft_request(
-    image: Image.Image, target_size: tuple[int, int] | None
+    image: Image.Image, target_size: tuple[int, int] | None, orientation: int | None = None
 ) -> tuple[int, int] | None:
     """The (W, H) as stored (before EXIF orientation) that a draft decode must not go below."""
     if target_size is None:
         return None
     height, width = target_size
-    if _orientation(image) in _SWAPPING_ORIENTATIONS:  # the file is stored transposed
+    if orientation is None:
+        orientation = _orientation(image)
+    if orientation in _SWAPPING_ORIENTATIONS:  # the file is stored transposed
         height, width = width, height
     return max(1, width * DRAFT_MARGIN), max(1, height * DRAFT_MARGIN)
 
@@ -425,6 +440,44 @@ def _decode_jpeg_full_scale(
         return None
     tensor = orient(tensor, _orientation(header))
     return tensor.permute(1, 2, 0).contiguous().numpy()  # [H, W, C], as Pillow's
+
+
+def _decode_jpeg_reduced_scale(
+    data: bytes, header: Image.Image, color_mode: str, target_size: tuple[int, int] | None
+) -> np.ndarray | None:
+    """simplejpeg's libjpeg-turbo decode at the reduced scale Pillow's draft would pick; None
+    when no reduced scale applies (or simplejpeg is missing, or fails: Pillow decides).
+
+    Pillow's draft + load decodes in chunks from a Python loop that takes the GIL back after
+    each one; here the whole decode is one call. ``min_height``/``min_width`` of exactly the
+    1/scale size make TurboJPEG pick that scale (the next smaller factor falls below them),
+    and the same IDCT and colour conversion give Pillow's pixels bit for bit.
+    """
+    if _sj_decode_jpeg is None or header.mode not in ("L", "RGB"):
+        return None
+    orientation = _orientation(header)
+    scale = _draft_scale(header.size, _draft_request(header, target_size, orientation))
+    if scale == 1:
+        return None
+    width, height = header.size
+    try:
+        if tuple(_sj_decode_jpeg_header(data)[:2]) != (height, width):
+            return None  # libjpeg would read another frame than the one Pillow checked
+        array = _sj_decode_jpeg(
+            data, "GRAY" if color_mode == "L" else "RGB",
+            min_height=-(-height // scale), min_width=-(-width // scale),
+        )  # fmt: skip
+    except Exception:  # noqa: BLE001 - corrupt or unusual: Pillow decodes or gives the verdict
+        return None
+    return orient_array(array, orientation)
+
+
+def orient_array(array: np.ndarray, orientation: int) -> np.ndarray:
+    """``orient`` for an ``[H, W, C]`` array; a contiguous result."""
+    if orientation in _SWAPPING_ORIENTATIONS:
+        array = array.transpose(1, 0, 2)
+    flips = {2: (1,), 3: (0, 1), 4: (0,), 6: (1,), 7: (0, 1), 8: (0,)}.get(orientation)
+    return np.ascontiguousarray(np.flip(array, flips) if flips else array)
 
 
 def orient(tensor: torch.Tensor, orientation: int) -> torch.Tensor:

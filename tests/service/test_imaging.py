@@ -325,9 +325,13 @@ def test_without_torchvision_pillow_decodes_everything(monkeypatch: pytest.Monke
     assert [_outcome(case) for case in CORPUS] == with_tv
 
 
-def test_corrupt_jpegs_get_the_same_status_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("decoder", "size"), [("_tv_decode_jpeg", None),
+                                               ("_sj_decode_jpeg", (1024, 768))])  # fmt: skip
+def test_corrupt_jpegs_get_the_same_status_on_both_paths(
+    monkeypatch: pytest.MonkeyPatch, decoder: str, size: tuple[int, int] | None
+) -> None:
     rng = np.random.default_rng(7)
-    source = hostile.encode(hostile.photo_image(), "JPEG", quality=90)
+    source = hostile.encode(hostile.photo_image(size), "JPEG", quality=90)
     scan = source.index(b"\xff\xda")
     corrupted = []
     for _ in range(60):
@@ -335,17 +339,101 @@ def test_corrupt_jpegs_get_the_same_status_on_both_paths(monkeypatch: pytest.Mon
         for _ in range(int(rng.integers(1, 20))):
             data[int(rng.integers(scan + 20, len(data) - 2))] = int(rng.integers(0, 256))
         corrupted.append(Case("corrupt", bytes(data), "image/jpeg", 0))
+    if decoder == "_sj_decode_jpeg":  # _outcome's 64x64 target: these decode at 1/4
+        assert reduced(source, "RGB", (64, 64)) is not None
     both = [_outcome(case)[0] for case in corrupted]
-    monkeypatch.setattr(imaging, "_tv_decode_jpeg", None)
+    monkeypatch.setattr(imaging, decoder, None)
     assert [_outcome(case)[0] for case in corrupted] == both
     assert set(both) == {200, 400}  # libjpeg recovers from some, not from others
 
 
-def test_reduced_scale_jpegs_stay_with_pillow() -> None:
+def test_reduced_scale_jpegs_are_not_torchvisions() -> None:
     data = hostile.encode(hostile.photo_image((2400, 1800)), "JPEG")
     header = Image.open(io.BytesIO(data))
     assert imaging._decode_jpeg_full_scale(data, header, "RGB", (224, 224)) is None  # 1/2
     assert imaging._decode_jpeg_full_scale(data, header, "RGB", (1000, 1000)) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# reduced-scale JPEGs through simplejpeg: Pillow's draft scale, pixels, statuses, orientation
+# ---------------------------------------------------------------------------------------------
+
+
+def reduced(data: bytes, color_mode: str, target: tuple[int, int]) -> np.ndarray | None:
+    header = Image.open(io.BytesIO(data))
+    return imaging._decode_jpeg_reduced_scale(data, header, color_mode, target)
+
+
+# stored sizes (W, H) x targets (H, W) that give 1/2, 1/4 and 1/8, odd sizes included (libjpeg
+# rounds a scaled side up; Pillow's draft picks the scale from whole multiples)
+REDUCED_CASES = [((2400, 1800), (32, 32), 8), ((2400, 1800), (400, 400), 2),
+                 ((1023, 767), (64, 48), 4), ((333, 517), (60, 60), 2), ((901, 77), (8, 50), 4),
+                 ((640, 427), (32, 32), 4)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("size", "target", "scale"), REDUCED_CASES)
+@pytest.mark.parametrize("source", ["rgb444", "rgb420-progressive", "gray"])
+@pytest.mark.parametrize("color_mode", ["L", "RGB"])
+def test_simplejpeg_path_gives_pillows_draft_pixels(
+    size: tuple[int, int], target: tuple[int, int], scale: int, source: str, color_mode: str
+) -> None:
+    image = hostile.photo_image(size)
+    if source == "gray":
+        image = image.convert("L")
+    subsampling = 0 if source == "rgb444" else 2
+    data = hostile.encode(image, "JPEG", quality=90, subsampling=subsampling,
+                          progressive=source.endswith("progressive"))  # fmt: skip
+    array = reduced(data, color_mode, target)
+    assert array is not None  # the reduced-scale path took it
+    assert array.shape == (-(-size[1] // scale), -(-size[0] // scale), len(color_mode))
+    assert array.flags.c_contiguous and array.flags.writeable
+    reference = pillow_only(data, color_mode, target)
+    assert torch.equal(torch.from_numpy(array).permute(2, 0, 1), reference)
+    assert np.array_equal(
+        decode_to_array(data, max_pixels=MAX_PIXELS, color_mode=color_mode, target_size=target),
+        array,
+    )
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_simplejpeg_path_applies_every_exif_orientation(orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = hostile.encode(hostile.photo_image((640, 480)), "JPEG", quality=90, exif=exif)
+    # a (H=30, W=70) target: stored 640 x 480 fits 4x (W >= 140, H >= 60) -> 160 x 120; for
+    # 5-8 the file is stored transposed, so W >= 60, H >= 140 -> only 1/2, shown as 240 x 320
+    array = reduced(data, "RGB", (30, 70))
+    assert array is not None
+    reference = pillow_only(data, "RGB", (30, 70))
+    assert torch.equal(torch.from_numpy(array).permute(2, 0, 1), reference)
+    assert array.shape[:2] == ((320, 240) if orientation >= 5 else (120, 160))
+
+
+def test_simplejpeg_path_leaves_other_jpegs_alone() -> None:
+    big = hostile.encode(hostile.photo_image((1600, 1200)), "JPEG")
+    assert reduced(big, "RGB", (800, 800)) is None  # no reduced scale: torchvision's
+    cmyk = hostile.encode(hostile.photo_image((1600, 1200)).convert("CMYK"), "JPEG")
+    assert reduced(cmyk, "RGB", (32, 32)) is None  # Pillow's CMYK conversion
+    truncated = big[: len(big) // 2]
+    assert reduced(truncated, "RGB", (32, 32)) is None  # Pillow gives the verdict
+    with pytest.raises(ImageRejected) as caught:
+        decode_to_array(truncated, max_pixels=MAX_PIXELS, color_mode="RGB", target_size=(32, 32))
+    assert caught.value.status_code == 400
+
+
+def test_simplejpeg_path_refuses_a_frame_pillow_did_not_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = hostile.encode(hostile.photo_image((1600, 1200)), "JPEG")
+    assert reduced(data, "RGB", (32, 32)) is not None
+    monkeypatch.setattr(imaging, "_sj_decode_jpeg_header", lambda _: (12000, 16000, "YCbCr", ""))
+    assert reduced(data, "RGB", (32, 32)) is None  # libjpeg's size differs: Pillow decodes
+
+
+def test_without_simplejpeg_pillow_decodes_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    with_sj = [_outcome(case) for case in CORPUS]
+    monkeypatch.setattr(imaging, "_sj_decode_jpeg", None)
+    assert [_outcome(case) for case in CORPUS] == with_sj
 
 
 # ---------------------------------------------------------------------------------------------
