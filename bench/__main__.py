@@ -294,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     if images_dir is not None and not images_dir.is_dir():  # one line, not a traceback later
         print(f"bench: --images {images_dir}: no such folder", file=sys.stderr)
         return 2
+    if images_dir is not None:  # children may run in another folder (`TREE=`, the LIMIT)
+        args.images = images_dir.resolve()
     if args.command == "images":
         from . import images
 

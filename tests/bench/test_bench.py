@@ -625,6 +625,23 @@ def test_a_missing_images_folder_is_one_line(command: str, tmp_path: Path) -> No
     assert done.stderr == f"bench: --images {tmp_path / 'nowhere'}: no such folder\n"
 
 
+def test_a_relative_images_folder_reaches_children_as_an_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `compare` runs the LIMIT and `TREE=` services in other folders: a relative path broke them
+    from bench import __main__ as cli
+    from bench import experiment
+
+    (tmp_path / "photos").mkdir()
+    monkeypatch.chdir(tmp_path)
+    seen: dict[str, Path] = {}
+    monkeypatch.setattr(experiment, "compare", lambda *a, **kw: seen.update(kw) or {})
+    monkeypatch.setattr(experiment, "print_compare", lambda out: None)
+    assert cli.main(["compare", "--variant", "base:", "--images", "photos"]) == 0
+    assert seen["images_dir"] == tmp_path / "photos"
+    assert seen["images_dir"].is_absolute()
+
+
 # ---------------------------------------------------------------------------------------------
 # real runs (slow)
 # ---------------------------------------------------------------------------------------------
