@@ -582,16 +582,22 @@ def test_profile_stacks_are_attributed_to_pipeline_stages() -> None:
             "thread (0x7f02): preprocess_0;_worker (concurrent/futures/thread.py:1);"
             "decode_to_tensor (service/imaging.py:3);load (PIL/ImageFile.py:9) 20",
             "thread (0x7f03): MainThread;run (asyncio/runners.py:1) 10",
+            "thread (0x7f01): infer-m;_decode_opened (service/imaging.py:7);"
+            "_decode_jpeg_reduced_scale (service/imaging.py:470) 5",
+            "thread (0x7f01): infer-m;_decode_opened (service/imaging.py:8);"
+            "_decode_jpeg_full_scale (service/imaging.py:500) 5",
         ]
     )
     stacks = parse_raw(raw)
-    assert [count for _, count in stacks] == [30, 20, 10]
+    assert [count for _, count in stacks] == [30, 20, 10, 5, 5]
     assert stage_of(stacks[0][0]) == "forward: model"
     assert stage_of(stacks[1][0]) == "decode: Pillow"
+    assert stage_of(stacks[3][0]) == "decode: simplejpeg"
+    assert stage_of(stacks[4][0]) == "decode: torchvision"
     summary = summarize_profile(stacks)
-    assert summary["samples"] == 60
-    assert summary["stages"][0] == ("forward: model", 50.0)
-    assert summary["threads"][0] == ("thread: infer-m", 50.0)
+    assert summary["samples"] == 70
+    assert summary["stages"][0] == ("forward: model", 42.9)
+    assert summary["threads"][0] == ("thread: infer-m", 57.1)
 
 
 def test_generated_images_are_mixed_size_jpegs(tmp_path: Path) -> None:
