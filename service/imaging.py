@@ -34,7 +34,7 @@ Decisions (the HTTP contract in issue 3 and the hostile-input rules in issue 6):
   reduced-scale decode is one ``simplejpeg.decode_jpeg`` call (libjpeg-turbo's scaled IDCT, the
   GIL released once) at the very scale Pillow's ``Image.draft`` would pick, with bit-identical
   pixels: on the 64 bench photos it decodes in 0.67 ms of CPU an image against Pillow's 0.87
-  (Pillow's decode loop holds the GIL between chunks), and the ResNet-20 service answered 8%
+  (Pillow's decode loop holds the GIL between chunks), and the ResNet-20 service answered 7%
   more images a second with it (bench/NOTES.md, 2026-12-04). Other JPEGs go to
   ``torchvision.io.decode_jpeg``: it decodes full-scale images in about 60% of Pillow's CPU
   time, also bit-identical. The pixel cap and the EXIF orientation still come from Pillow's
@@ -78,6 +78,8 @@ DRAFT_MARGIN: Final = 2  # a draft decode keeps at least this many times the tar
 
 _BMP_HEADER_SIZES: Final = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
 _SWAPPING_ORIENTATIONS: Final = frozenset({5, 6, 7, 8})  # EXIF orientations that transpose
+# then flip: axis 0 = rows (H), 1 = columns (W), after the transpose
+_EXIF_FLIPS: Final = {2: (1,), 3: (0, 1), 4: (0,), 6: (1,), 7: (0, 1), 8: (0,)}
 _GIF_SCAN_LIMIT: Final = 1 << 20  # header bytes scanned for the first GIF image descriptor
 
 
@@ -438,8 +440,7 @@ def _decode_jpeg_full_scale(
         tensor = _tv_decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
     except Exception:  # noqa: BLE001 - corrupt or unusual: Pillow decodes or gives the verdict
         return None
-    tensor = orient(tensor, _orientation(header))
-    return tensor.permute(1, 2, 0).contiguous().numpy()  # [H, W, C], as Pillow's
+    return _orient_array(tensor.permute(1, 2, 0).numpy(), _orientation(header))  # as Pillow's
 
 
 def _decode_jpeg_reduced_scale(
@@ -469,14 +470,14 @@ def _decode_jpeg_reduced_scale(
         )  # fmt: skip
     except Exception:  # noqa: BLE001 - corrupt or unusual: Pillow decodes or gives the verdict
         return None
-    return orient_array(array, orientation)
+    return _orient_array(array, orientation)
 
 
-def orient_array(array: np.ndarray, orientation: int) -> np.ndarray:
-    """``orient`` for an ``[H, W, C]`` array; a contiguous result."""
+def _orient_array(array: np.ndarray, orientation: int) -> np.ndarray:
+    """``orient`` for an ``[H, W, C]`` array; a fresh contiguous result when it moved pixels."""
     if orientation in _SWAPPING_ORIENTATIONS:
         array = array.transpose(1, 0, 2)
-    flips = {2: (1,), 3: (0, 1), 4: (0,), 6: (1,), 7: (0, 1), 8: (0,)}.get(orientation)
+    flips = _EXIF_FLIPS.get(orientation)
     return np.ascontiguousarray(np.flip(array, flips) if flips else array)
 
 
@@ -484,8 +485,8 @@ def orient(tensor: torch.Tensor, orientation: int) -> torch.Tensor:
     """Apply an EXIF orientation (1-8) to ``[C, H, W]``, as ``ImageOps.exif_transpose`` does."""
     if orientation in _SWAPPING_ORIENTATIONS:
         tensor = tensor.transpose(-1, -2)
-    flips = {2: (-1,), 3: (-2, -1), 4: (-2,), 6: (-1,), 7: (-2, -1), 8: (-2,)}.get(orientation)
-    return tensor.flip(flips) if flips else tensor
+    flips = _EXIF_FLIPS.get(orientation)
+    return tensor.flip(tuple(axis - 2 for axis in flips)) if flips else tensor
 
 
 def _load(image: Image.Image, fmt: str, limit: int) -> None:
