@@ -33,8 +33,8 @@ from .runner import Runner
 # pipeline stages, matched innermost-first against "function (file...)" frames
 STAGES: tuple[tuple[str, str], ...] = (
     ("forward: model", r"\(torch/nn/|forward \(.*service/inference\.py"),
-    ("decode: simplejpeg", r"_decode_jpeg_reduced_scale|simplejpeg"),
-    ("decode: torchvision", r"_decode_jpeg_full_scale|decode_jpeg"),
+    ("decode: simplejpeg", r"_decode_jpeg \(.*service/imaging\.py|simplejpeg"),
+    ("decode: torchvision", r"decode_jpeg"),  # nvjpeg, on a GPU (service/gpu_preprocess.py)
     ("decode: Pillow", r"\(PIL/|_finish \(|_load \(.*imaging|to_tensor \(.*imaging"),
     ("decode: checks/headers", r"service/imaging\.py"),
     ("preprocess: EvalPreset", r"trainer/data/presets\.py|torchvision/transforms"),

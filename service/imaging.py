@@ -28,20 +28,20 @@ Decisions (the HTTP contract in issue 3 and the hostile-input rules in issue 6):
   image folders with, so a served model sees what it was trained on: transparency composited
   on **white**, 16-bit and 32-bit grayscale scaled (not clipped) to 8 bits, CMYK, YCbCr, HSV,
   LAB and 1-bit through Pillow's converters. Anything else -> 415.
-- **Speed.** With ``target_size`` (the size the image is resized to next), a JPEG at least
-  four times larger on both sides is decoded by libjpeg at 1/2, 1/4 or 1/8 scale, never below
-  twice the target, and directly in grayscale for "L" models. In ``decode_to_array`` that
-  reduced-scale decode is one ``simplejpeg.decode_jpeg`` call (libjpeg-turbo's scaled IDCT, the
-  GIL released once) at the very scale Pillow's ``Image.draft`` would pick, with bit-identical
-  pixels: on the 64 bench photos it decodes in 0.67 ms of CPU an image against Pillow's 0.87
-  (Pillow's decode loop holds the GIL between chunks), and the ResNet-20 service answered 7%
-  more images a second with it (bench/NOTES.md, 2026-12-04). Other JPEGs go to
-  ``torchvision.io.decode_jpeg``: it decodes full-scale images in about 60% of Pillow's CPU
-  time, also bit-identical. The pixel cap and the EXIF orientation still come from Pillow's
-  header read, so every path agrees; if simplejpeg or torchvision fails on a file, Pillow
-  decodes it or gives the verdict, and if a later torchvision drops ``decode_jpeg``
-  (deprecated since 0.29) Pillow does that part. ``decode_image`` (a PIL image, for overlays)
-  always uses Pillow.
+- **Speed.** A JPEG stored in L or RGB is decoded by one ``simplejpeg.decode_jpeg`` call
+  (libjpeg-turbo's TurboJPEG API, the GIL released once, no tensor made): at full scale, or,
+  with ``target_size`` (the size the image is resized to next) and a file at least four times
+  larger on both sides, by libjpeg's scaled IDCT at 1/2, 1/4 or 1/8, never below twice the
+  target, at the very scale Pillow's ``Image.draft`` would pick; directly in grayscale for "L"
+  models. The pixels are Pillow's (and torchvision's) bit for bit. On the 64 bench photos the
+  reduced-scale decode takes 0.67 ms of CPU an image against Pillow's 0.87 (Pillow's decode
+  loop holds the GIL between chunks), and the ResNet-20 service answered 7% more images a
+  second with it; a full-scale decode takes 1.09 ms against 1.20 for torchvision's
+  ``decode_jpeg`` (deprecated since torchvision 0.29), which decoded full-scale JPEGs before
+  (bench/NOTES.md, 2026-12-04 and -05). The pixel cap and the EXIF orientation still come from
+  Pillow's header read, so every path agrees; CMYK JPEGs, files simplejpeg fails on and
+  platforms without simplejpeg are decoded (or judged) by Pillow. ``decode_image`` (a PIL
+  image, for overlays) always uses Pillow.
 """
 
 from __future__ import annotations
@@ -64,13 +64,6 @@ try:  # a declared dependency; without it (a platform with no wheel) Pillow deco
 except ImportError:  # pragma: no cover
     _sj_decode_jpeg = None  # type: ignore[assignment]
     _sj_decode_jpeg_header = None  # type: ignore[assignment]
-
-try:  # deprecated in torchvision 0.29 (TorchCodec replaces it): optional, Pillow otherwise
-    from torchvision.io import ImageReadMode as _TvReadMode
-    from torchvision.io import decode_jpeg as _tv_decode_jpeg
-except ImportError:  # pragma: no cover - torchvision without its image codecs
-    _TvReadMode = None  # type: ignore[assignment,misc]
-    _tv_decode_jpeg = None  # type: ignore[assignment]
 
 FORMATS: Final = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 ACCEPTED: Final = "JPEG, PNG, WebP, BMP, GIF or TIFF"
@@ -200,10 +193,10 @@ def decode_to_array(
     """Untrusted bytes -> a contiguous uint8 ``[H, W, C]`` array in ``color_mode``; raises
     ``ImageRejected``.
 
-    ``target_size`` ``(H, W)``: the size the image will be resized to next. A JPEG at least
-    four times larger on both sides is decoded by Pillow at a reduced scale; other JPEGs go
-    to torchvision's decoder when it is there (same pixels, faster); everything else, and
-    any JPEG torchvision fails on, is decoded by Pillow.
+    ``target_size`` ``(H, W)``: the size the image will be resized to next. A JPEG stored in
+    L or RGB goes to simplejpeg (at a reduced scale when it is at least four times larger on
+    both sides; same pixels as Pillow, faster); everything else, and any JPEG simplejpeg
+    fails on, is decoded by Pillow.
 
     An array, not a tensor: every torch tensor made and freed from Python lets go of the GIL
     (a decode ending in a tensor view did 6 of its 8.6 hand-offs an image there, counted with
@@ -224,9 +217,7 @@ def _decode_opened(
     target_size: tuple[int, int] | None,
 ) -> np.ndarray:
     if _is_jpeg(image):
-        array = _decode_jpeg_reduced_scale(data, image, color_mode, target_size)
-        if array is None:
-            array = _decode_jpeg_full_scale(data, image, color_mode, target_size)
+        array = _decode_jpeg(data, image, color_mode, target_size)
         if array is not None:
             return array
     return to_array(_finish(image, limit, target_size, color_mode), color_mode)
@@ -423,43 +414,24 @@ def _draft(image: Image.Image, target_size: tuple[int, int] | None, mode: str | 
         raise ImageRejected(400, f"corrupt JPEG image: {_reason(exc)}") from None
 
 
-def _decode_jpeg_full_scale(
+def _decode_jpeg(
     data: bytes, header: Image.Image, color_mode: str, target_size: tuple[int, int] | None
 ) -> np.ndarray | None:
-    """torchvision's libjpeg-turbo decode when no reduced scale applies; None: use Pillow.
-
-    The orientation is read by Pillow (first EXIF APP1, XMP fallback) and applied here, so
-    both decoders agree on it; torchvision's own EXIF reading looks at the first APP1 only.
-    """
-    if _tv_decode_jpeg is None or header.mode not in ("L", "RGB", "CMYK"):
-        return None
-    if _draft_scale(header.size, _draft_request(header, target_size)) > 1:
-        return None  # Pillow's reduced-scale decode is faster
-    mode = _TvReadMode.GRAY if color_mode == "L" else _TvReadMode.RGB
-    try:
-        tensor = _tv_decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
-    except Exception:  # noqa: BLE001 - corrupt or unusual: Pillow decodes or gives the verdict
-        return None
-    return _orient_array(tensor.permute(1, 2, 0).numpy(), _orientation(header))  # as Pillow's
-
-
-def _decode_jpeg_reduced_scale(
-    data: bytes, header: Image.Image, color_mode: str, target_size: tuple[int, int] | None
-) -> np.ndarray | None:
-    """simplejpeg's libjpeg-turbo decode at the reduced scale Pillow's draft would pick; None
-    when no reduced scale applies (or simplejpeg is missing, or fails: Pillow decides).
+    """simplejpeg's libjpeg-turbo decode at the scale Pillow's draft would pick (1/1 when no
+    reduced scale applies); None when simplejpeg is missing, the file is stored in another
+    mode than L or RGB (CMYK: Pillow's conversion) or simplejpeg fails: Pillow decides.
 
     Pillow's draft + load decodes in chunks from a Python loop that takes the GIL back after
-    each one; here the whole decode is one call. ``min_height``/``min_width`` of exactly the
+    each one; here the whole decode is one call, and no tensor is made (torchvision's
+    ``decode_jpeg`` needed two and a copy). ``min_height``/``min_width`` of exactly the
     1/scale size make TurboJPEG pick that scale (the next smaller factor falls below them),
-    and the same IDCT and colour conversion give Pillow's pixels bit for bit.
+    and the same IDCT and colour conversion give Pillow's pixels bit for bit. The orientation
+    is Pillow's reading (first EXIF APP1, XMP fallback), applied here, so every path agrees.
     """
     if _sj_decode_jpeg is None or header.mode not in ("L", "RGB"):
         return None
     orientation = _orientation(header)
     scale = _draft_scale(header.size, _draft_request(header, target_size, orientation))
-    if scale == 1:
-        return None
     width, height = header.size
     try:
         if tuple(_sj_decode_jpeg_header(data)[:2]) != (height, width):

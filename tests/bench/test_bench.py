@@ -583,9 +583,9 @@ def test_profile_stacks_are_attributed_to_pipeline_stages() -> None:
             "decode_to_tensor (service/imaging.py:3);load (PIL/ImageFile.py:9) 20",
             "thread (0x7f03): MainThread;run (asyncio/runners.py:1) 10",
             "thread (0x7f01): infer-m;_decode_opened (service/imaging.py:7);"
-            "_decode_jpeg_reduced_scale (service/imaging.py:470) 5",
-            "thread (0x7f01): infer-m;_decode_opened (service/imaging.py:8);"
-            "_decode_jpeg_full_scale (service/imaging.py:500) 5",
+            "_decode_jpeg (service/imaging.py:470) 5",
+            "thread (0x7f01): infer-m;GpuPreprocessor.batch (service/gpu_preprocess.py:80);"
+            "decode_jpeg (torchvision/io/image.py:500) 5",
         ]
     )
     stacks = parse_raw(raw)

@@ -269,7 +269,7 @@ def test_rotated_jpeg_draft_swaps_the_target() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# full-scale JPEGs through torchvision: the same pixels, statuses and orientation as Pillow
+# JPEGs through simplejpeg: Pillow's draft scale (or full scale), pixels, statuses, orientation
 # ---------------------------------------------------------------------------------------------
 
 
@@ -278,6 +278,11 @@ def pillow_only(
 ) -> torch.Tensor:
     image = decode_image(data, max_pixels=MAX_PIXELS, target_size=target, draft_mode=color_mode)
     return to_tensor(image, color_mode)
+
+
+def fast_path(data: bytes, color_mode: str, target: tuple[int, int] | None) -> np.ndarray | None:
+    header = Image.open(io.BytesIO(data))
+    return imaging._decode_jpeg(data, header, color_mode, target)
 
 
 def oriented_jpeg(orientation: int, *, xmp_first: bool = False) -> bytes:
@@ -295,23 +300,42 @@ JPEG_CASES = [case for case in hostile.image_cases() if case.name.startswith("jp
 
 @pytest.mark.parametrize("case", JPEG_CASES, ids=[case.name for case in JPEG_CASES])
 @pytest.mark.parametrize("color_mode", ["L", "RGB"])
-def test_torchvision_path_gives_pillows_pixels(case: Case, color_mode: str) -> None:
+def test_full_scale_jpegs_get_pillows_pixels(case: Case, color_mode: str) -> None:
     header = Image.open(io.BytesIO(case.body))
-    array = imaging._decode_jpeg_full_scale(case.body, header, color_mode, None)
-    assert array is not None  # the fast path took it
-    fast = torch.from_numpy(array).permute(2, 0, 1)
-    assert torch.equal(fast, pillow_only(case.body, color_mode))
+    array = imaging._decode_jpeg(case.body, header, color_mode, None)
+    if header.mode == "CMYK":
+        assert array is None  # Pillow converts CMYK, as the trainer does
+    else:
+        assert array is not None  # the fast path took it
+        assert array.flags.c_contiguous and array.flags.writeable
+        assert torch.equal(torch.from_numpy(array).permute(2, 0, 1),
+                           pillow_only(case.body, color_mode))  # fmt: skip
+    decoded = decode_to_array(case.body, max_pixels=MAX_PIXELS, color_mode=color_mode)
+    assert torch.equal(torch.from_numpy(decoded).permute(2, 0, 1),
+                       pillow_only(case.body, color_mode))  # fmt: skip
     assert torch.equal(decode_to_tensor(case.body, max_pixels=MAX_PIXELS, color_mode=color_mode),
-                       fast)  # fmt: skip
-    assert np.array_equal(
-        decode_to_array(case.body, max_pixels=MAX_PIXELS, color_mode=color_mode), array
-    )
+                       pillow_only(case.body, color_mode))  # fmt: skip
+
+
+def test_full_scale_pixels_are_torchvisions_too() -> None:
+    """torchvision's ``decode_jpeg`` (the full-scale decoder before simplejpeg) agrees."""
+    decode_jpeg = pytest.importorskip("torchvision.io").decode_jpeg
+    read_mode = pytest.importorskip("torchvision.io").ImageReadMode
+    for subsampling in (0, 2):
+        data = hostile.encode(hostile.photo_image((333, 517)), "JPEG", quality=90,
+                              subsampling=subsampling)  # fmt: skip
+        for color_mode, mode in (("RGB", read_mode.RGB), ("L", read_mode.GRAY)):
+            array = fast_path(data, color_mode, (224, 224))  # 333 < 4 x 224: full scale
+            assert array is not None and array.shape[:2] == (517, 333)
+            expected = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+            assert torch.equal(torch.from_numpy(array).permute(2, 0, 1), expected)
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 @pytest.mark.parametrize("xmp_first", [False, True])
-def test_both_paths_apply_every_exif_orientation(orientation: int, xmp_first: bool) -> None:
+def test_full_scale_path_applies_every_exif_orientation(orientation: int, xmp_first: bool) -> None:
     data = oriented_jpeg(orientation, xmp_first=xmp_first)
+    assert fast_path(data, "RGB", None) is not None
     fast = decode_to_tensor(data, max_pixels=MAX_PIXELS, color_mode="RGB")
     reference = pillow_only(data, "RGB")
     assert torch.equal(fast, reference)
@@ -319,16 +343,9 @@ def test_both_paths_apply_every_exif_orientation(orientation: int, xmp_first: bo
     assert tuple(fast.shape) == expected_shape
 
 
-def test_without_torchvision_pillow_decodes_everything(monkeypatch: pytest.MonkeyPatch) -> None:
-    with_tv = [_outcome(case) for case in CORPUS]
-    monkeypatch.setattr(imaging, "_tv_decode_jpeg", None)
-    assert [_outcome(case) for case in CORPUS] == with_tv
-
-
-@pytest.mark.parametrize(("decoder", "size"), [("_tv_decode_jpeg", None),
-                                               ("_sj_decode_jpeg", (1024, 768))])  # fmt: skip
-def test_corrupt_jpegs_get_the_same_status_on_both_paths(
-    monkeypatch: pytest.MonkeyPatch, decoder: str, size: tuple[int, int] | None
+@pytest.mark.parametrize("size", [None, (1024, 768)])  # _outcome's 64x64 target: 1/1 and 1/4
+def test_corrupt_jpegs_get_the_same_status_without_simplejpeg(
+    monkeypatch: pytest.MonkeyPatch, size: tuple[int, int] | None
 ) -> None:
     rng = np.random.default_rng(7)
     source = hostile.encode(hostile.photo_image(size), "JPEG", quality=90)
@@ -339,36 +356,19 @@ def test_corrupt_jpegs_get_the_same_status_on_both_paths(
         for _ in range(int(rng.integers(1, 20))):
             data[int(rng.integers(scan + 20, len(data) - 2))] = int(rng.integers(0, 256))
         corrupted.append(Case("corrupt", bytes(data), "image/jpeg", 0))
-    if decoder == "_sj_decode_jpeg":  # _outcome's 64x64 target: these decode at 1/4
-        assert reduced(source, "RGB", (64, 64)) is not None
+    assert fast_path(source, "RGB", (64, 64)) is not None
     both = [_outcome(case)[0] for case in corrupted]
-    monkeypatch.setattr(imaging, decoder, None)
+    monkeypatch.setattr(imaging, "_sj_decode_jpeg", None)
     assert [_outcome(case)[0] for case in corrupted] == both
     assert set(both) == {200, 400}  # libjpeg recovers from some, not from others
 
 
-def test_reduced_scale_jpegs_are_not_torchvisions() -> None:
-    data = hostile.encode(hostile.photo_image((2400, 1800)), "JPEG")
-    header = Image.open(io.BytesIO(data))
-    assert imaging._decode_jpeg_full_scale(data, header, "RGB", (224, 224)) is None  # 1/2
-    assert imaging._decode_jpeg_full_scale(data, header, "RGB", (1000, 1000)) is not None
-
-
-# ---------------------------------------------------------------------------------------------
-# reduced-scale JPEGs through simplejpeg: Pillow's draft scale, pixels, statuses, orientation
-# ---------------------------------------------------------------------------------------------
-
-
-def reduced(data: bytes, color_mode: str, target: tuple[int, int]) -> np.ndarray | None:
-    header = Image.open(io.BytesIO(data))
-    return imaging._decode_jpeg_reduced_scale(data, header, color_mode, target)
-
-
 # stored sizes (W, H) x targets (H, W) that give 1/2, 1/4 and 1/8, odd sizes included (libjpeg
-# rounds a scaled side up; Pillow's draft picks the scale from whole multiples)
+# rounds a scaled side up; Pillow's draft picks the scale from whole multiples), and 1/1
 REDUCED_CASES = [((2400, 1800), (32, 32), 8), ((2400, 1800), (400, 400), 2),
                  ((1023, 767), (64, 48), 4), ((333, 517), (60, 60), 2), ((901, 77), (8, 50), 4),
-                 ((640, 427), (32, 32), 4)]  # fmt: skip
+                 ((640, 427), (32, 32), 4), ((2400, 1800), (1000, 1000), 1),
+                 ((901, 77), (40, 40), 1)]  # fmt: skip
 
 
 @pytest.mark.parametrize(("size", "target", "scale"), REDUCED_CASES)
@@ -383,8 +383,8 @@ def test_simplejpeg_path_gives_pillows_draft_pixels(
     subsampling = 0 if source == "rgb444" else 2
     data = hostile.encode(image, "JPEG", quality=90, subsampling=subsampling,
                           progressive=source.endswith("progressive"))  # fmt: skip
-    array = reduced(data, color_mode, target)
-    assert array is not None  # the reduced-scale path took it
+    array = fast_path(data, color_mode, target)
+    assert array is not None  # the simplejpeg path took it
     assert array.shape == (-(-size[1] // scale), -(-size[0] // scale), len(color_mode))
     assert array.flags.c_contiguous and array.flags.writeable
     reference = pillow_only(data, color_mode, target)
@@ -402,32 +402,34 @@ def test_simplejpeg_path_applies_every_exif_orientation(orientation: int) -> Non
     data = hostile.encode(hostile.photo_image((640, 480)), "JPEG", quality=90, exif=exif)
     # a (H=30, W=70) target: stored 640 x 480 fits 4x (W >= 140, H >= 60) -> 160 x 120; for
     # 5-8 the file is stored transposed, so W >= 60, H >= 140 -> only 1/2, shown as 240 x 320
-    array = reduced(data, "RGB", (30, 70))
+    array = fast_path(data, "RGB", (30, 70))
     assert array is not None
     reference = pillow_only(data, "RGB", (30, 70))
     assert torch.equal(torch.from_numpy(array).permute(2, 0, 1), reference)
     assert array.shape[:2] == ((320, 240) if orientation >= 5 else (120, 160))
 
 
-def test_simplejpeg_path_leaves_other_jpegs_alone() -> None:
+def test_simplejpeg_path_leaves_other_jpegs_to_pillow() -> None:
     big = hostile.encode(hostile.photo_image((1600, 1200)), "JPEG")
-    assert reduced(big, "RGB", (800, 800)) is None  # no reduced scale: torchvision's
     cmyk = hostile.encode(hostile.photo_image((1600, 1200)).convert("CMYK"), "JPEG")
-    assert reduced(cmyk, "RGB", (32, 32)) is None  # Pillow's CMYK conversion
+    assert fast_path(cmyk, "RGB", (32, 32)) is None  # Pillow's CMYK conversion
+    assert fast_path(cmyk, "RGB", None) is None
     truncated = big[: len(big) // 2]
-    assert reduced(truncated, "RGB", (32, 32)) is None  # Pillow gives the verdict
+    assert fast_path(truncated, "RGB", (32, 32)) is None  # Pillow gives the verdict
+    assert fast_path(truncated, "RGB", None) is None
     with pytest.raises(ImageRejected) as caught:
         decode_to_array(truncated, max_pixels=MAX_PIXELS, color_mode="RGB", target_size=(32, 32))
     assert caught.value.status_code == 400
 
 
+@pytest.mark.parametrize("target", [(32, 32), None])
 def test_simplejpeg_path_refuses_a_frame_pillow_did_not_check(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, target: tuple[int, int] | None
 ) -> None:
     data = hostile.encode(hostile.photo_image((1600, 1200)), "JPEG")
-    assert reduced(data, "RGB", (32, 32)) is not None
+    assert fast_path(data, "RGB", target) is not None
     monkeypatch.setattr(imaging, "_sj_decode_jpeg_header", lambda _: (12000, 16000, "YCbCr", ""))
-    assert reduced(data, "RGB", (32, 32)) is None  # libjpeg's size differs: Pillow decodes
+    assert fast_path(data, "RGB", target) is None  # libjpeg's size differs: Pillow decodes
 
 
 def test_without_simplejpeg_pillow_decodes_everything(monkeypatch: pytest.MonkeyPatch) -> None:
