@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .deadline import before
 from .errors import InferenceFailed, ModelDraining, QueueFull, RequestTimeout, ServiceError
 
 log = logging.getLogger("service.batching")
@@ -391,9 +392,7 @@ class Batcher:
         """
         futures = self.submit(inputs, deadline, announced, prepare)
         try:
-            remaining = max(0.0, deadline - time.monotonic())
-            gathered = asyncio.gather(*futures, return_exceptions=True)
-            outcomes = await asyncio.wait_for(gathered, remaining)
+            outcomes = await before(deadline, asyncio.gather(*futures, return_exceptions=True))
         except asyncio.TimeoutError:
             self._m_rejected.labels(*self._mv, "timeout").inc()
             raise RequestTimeout(_timeout_detail()) from None

@@ -21,7 +21,7 @@ Statuses (``UploadRejected.status_code``):
   such requests out of the 5xx counts).
 
 Slow clients: reading happens on the event loop (no worker thread is held); the caller bounds
-it with ``asyncio.wait_for`` (the service uses ``REQUEST_TIMEOUT_S`` -> 504).
+it with a deadline (``service.deadline.before``; the service uses ``REQUEST_TIMEOUT_S`` -> 504).
 
 Image indexes in details are 0-based and count ``file`` parts only: "image 2" is the third.
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from starlette.responses import Response
 
+from ...deadline import before
 from ...errors import InvalidRequest, RequestTimeout, ServiceError, Unavailable
 from ...explain import crop_box, overlay_png
 from ...imaging import ImageRejected, decode_image
@@ -119,13 +121,13 @@ async def explain(
 ) -> Response:
     class_id = resolve_target(entry.card.labels if entry.card else [], target)
     try:
-        parts = await asyncio.wait_for(
+        parts = await before(
+            time.monotonic() + settings.request_timeout_s,
             read_image_parts(
                 request,
                 max_bytes=settings.max_upload_bytes,
                 max_images=settings.max_images_per_request,
             ),
-            settings.request_timeout_s,
         )
     except asyncio.TimeoutError:
         raise RequestTimeout("reading the request took longer than REQUEST_TIMEOUT_S") from None

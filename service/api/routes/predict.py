@@ -24,6 +24,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from ...batching import Prediction
+from ...deadline import before
 from ...errors import ModelDraining, RequestTimeout, ServiceError, Unavailable
 from ...gpu_preprocess import GpuPreprocessor
 from ...imaging import ImageRejected, UndecodedJpeg
@@ -156,10 +157,10 @@ async def _infer(
     k = _check_k(entry, k)
     try:
         try:
-            parts = await asyncio.wait_for(
+            parts = await before(
+                deadline,
                 read_image_parts(request, max_bytes=settings.max_upload_bytes,
                                  max_images=settings.max_images_per_request),
-                deadline - time.monotonic(),
             )  # fmt: skip
         except asyncio.TimeoutError:
             raise RequestTimeout("reading the request took longer than REQUEST_TIMEOUT_S") from None
@@ -207,9 +208,7 @@ async def _predict(
     announced = batcher.announce(len(parts))
     try:
         try:
-            tensors = await asyncio.wait_for(
-                _preprocess_all(entry, parts, pool), deadline - time.monotonic()
-            )
+            tensors = await before(deadline, _preprocess_all(entry, parts, pool))
         except asyncio.TimeoutError:
             raise RequestTimeout(
                 "decoding the request took longer than REQUEST_TIMEOUT_S"
