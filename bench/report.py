@@ -754,6 +754,17 @@ def model_table(key: str, data: dict[str, Any], gpu: bool) -> list[str]:
     return lines
 
 
+def ratio_text(value: float, op: str, threshold: float) -> str:
+    """Two decimals, or four where two would round the value onto the other verdict (a T2 of
+    1.3999 against >= 1.4 fails, and "1.40 FAIL" read like a bug)."""
+    text = f"{value:.2f}"
+    rounded = float(text)
+    passes = value >= threshold if op == ">=" else value <= threshold
+    if (rounded >= threshold if op == ">=" else rounded <= threshold) != passes:
+        text = f"{value:.4f}"
+    return text
+
+
 def ratio_table(entries: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| # | model | ratio | measured | value | must | result |",
@@ -764,7 +775,7 @@ def ratio_table(entries: list[dict[str, Any]]) -> list[str]:
             e.get("verdict")
             or {True: "**pass**", False: "**FAIL**", None: "not measured"}[e["pass"]]
         )
-        value = "-" if e["value"] is None else f"{e['value']:.2f}"
+        value = "-" if e["value"] is None else ratio_text(e["value"], e["op"], e["threshold"])
         lines.append(
             f"| {e['id']} | {e['model']} | {e['what']} | {e['detail']} | {value} | "
             f"{e['op']} {e['threshold']:g} | {verdict} |"

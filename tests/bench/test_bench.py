@@ -802,3 +802,13 @@ def test_stack_floor_sends_the_job_through_every_server_and_stops_them() -> None
     assert stack_floor._job_ms(b"/predict-job?x=1&ms=4.5") == 4.5
     assert stack_floor._job_ms(b"/predict-job") == 0.0
     assert psutil.Process().children(recursive=True) == []  # every server was stopped
+
+
+def test_a_ratio_is_never_printed_on_the_wrong_side_of_its_threshold() -> None:
+    assert report.ratio_text(1.3998569530501548, ">=", 1.4) == "1.3999"  # FAIL, not "1.40"
+    assert report.ratio_text(0.6049, "<=", 0.6) == "0.6049"  # FAIL, not "0.60"
+    assert report.ratio_text(1.4001, ">=", 1.4) == "1.40"  # a pass may round onto the line
+    assert report.ratio_text(1.56, ">=", 1.4) == "1.56"
+    entry = {"id": "T2", "model": "r18", "what": "w", "detail": "d", "value": 1.39986,
+             "op": ">=", "threshold": 1.4, "pass": False}  # fmt: skip
+    assert "| 1.3999 | >= 1.4 | **FAIL** |" in "\n".join(report.ratio_table([entry]))
