@@ -307,12 +307,14 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _meets(value: float, op: str, threshold: float) -> bool:
+    return value >= threshold if op == ">=" else value <= threshold
+
+
 def _entry(
     tid: str, model: str, what: str, value: float | None, op: str, threshold: float, detail: str
 ) -> dict[str, Any]:
-    passed = None
-    if value is not None:
-        passed = value >= threshold if op == ">=" else value <= threshold
+    passed = None if value is None else _meets(value, op, threshold)
     return {"id": tid, "model": model, "what": what, "value": value, "op": op,
             "threshold": threshold, "pass": passed, "detail": detail}  # fmt: skip
 
@@ -758,9 +760,7 @@ def ratio_text(value: float, op: str, threshold: float) -> str:
     """Two decimals, or four where two would round the value onto the other verdict (a T2 of
     1.3999 against >= 1.4 fails, and "1.40 FAIL" read like a bug)."""
     text = f"{value:.2f}"
-    rounded = float(text)
-    passes = value >= threshold if op == ">=" else value <= threshold
-    if (rounded >= threshold if op == ">=" else rounded <= threshold) != passes:
+    if _meets(float(text), op, threshold) != _meets(value, op, threshold):
         text = f"{value:.4f}"
     return text
 

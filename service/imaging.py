@@ -384,15 +384,12 @@ def _is_jpeg(image: Image.Image) -> bool:
     return image.format in ("JPEG", "MPO")
 
 
-def _draft_request(
-    image: Image.Image, target_size: tuple[int, int] | None, orientation: int | None = None
-) -> tuple[int, int] | None:
-    """The (W, H) as stored (before EXIF orientation) that a draft decode must not go below."""
+def _draft_request(target_size: tuple[int, int] | None, orientation: int) -> tuple[int, int] | None:
+    """The (W, H) as stored (before EXIF ``orientation``) that a draft decode must not go
+    below."""
     if target_size is None:
         return None
     height, width = target_size
-    if orientation is None:
-        orientation = _orientation(image)
     if orientation in _SWAPPING_ORIENTATIONS:  # the file is stored transposed
         height, width = width, height
     return max(1, width * DRAFT_MARGIN), max(1, height * DRAFT_MARGIN)
@@ -409,7 +406,7 @@ def _draft_scale(size: tuple[int, int], request: tuple[int, int] | None) -> int:
 def _draft(image: Image.Image, target_size: tuple[int, int] | None, mode: str | None) -> None:
     """Ask libjpeg for a reduced scale (>= DRAFT_MARGIN x target) and/or grayscale output."""
     try:
-        image.draft(mode if mode == "L" else None, _draft_request(image, target_size))
+        image.draft(mode if mode == "L" else None, _draft_request(target_size, _orientation(image)))
     except Exception as exc:  # noqa: BLE001
         raise ImageRejected(400, f"corrupt JPEG image: {_reason(exc)}") from None
 
@@ -431,7 +428,7 @@ def _decode_jpeg(
     if _sj_decode_jpeg is None or header.mode not in ("L", "RGB"):
         return None
     orientation = _orientation(header)
-    scale = _draft_scale(header.size, _draft_request(header, target_size, orientation))
+    scale = _draft_scale(header.size, _draft_request(target_size, orientation))
     width, height = header.size
     try:
         if tuple(_sj_decode_jpeg_header(data)[:2]) != (height, width):
