@@ -134,6 +134,7 @@ def service_defaults(overrides: dict[str, str]) -> dict[str, Any]:
         "PRECISION": settings.precision,
         "DEVICE": settings.device,
         "MAX_QUEUE": settings.max_queue,
+        "WORKERS": settings.workers,
         "MALLOC": settings.malloc
         + ("" if settings.malloc == "system" else f" ({find_tcmalloc() or 'not installed'})"),
     }

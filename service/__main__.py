@@ -11,9 +11,11 @@ lifespan drains every batch queue and stops the inference workers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -192,25 +194,43 @@ def main() -> int:
         sys.stderr.write(f"service: invalid setting MALLOC: {exc}\n")
         return 2
     configure_logging(settings)
+    from .workers import Peers, supervise
+
+    peers = Peers.from_env(os.environ, settings)
+    if settings.workers > 1 and peers is None:
+        return supervise(settings)
 
     import uvicorn
 
     from .main import create_app
 
     has = importlib.util.find_spec
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop" if has("uvloop") else "asyncio",
-        http=bounded_httptools_protocol(settings.request_timeout_s) if has("httptools") else "h11",
-        log_config=None,
-        access_log=settings.access_log,
-        timeout_graceful_shutdown=settings.graceful_timeout_s,
-        timeout_keep_alive=5,
-        server_header=False,
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, peers=peers),
+            host=settings.host,
+            port=settings.port,
+            loop="uvloop" if has("uvloop") else "asyncio",
+            http=bounded_httptools_protocol(settings.request_timeout_s)
+            if has("httptools")
+            else "h11",
+            log_config=None,
+            access_log=settings.access_log,
+            timeout_graceful_shutdown=settings.graceful_timeout_s,
+            timeout_keep_alive=5,
+            server_header=False,
+        )
     )
-    return 0
+    sockets = None
+    if peers is not None:
+        try:
+            sockets = peers.sockets(settings.host, settings.port)
+        except OSError as exc:
+            sys.stderr.write(f"service: cannot bind {settings.host}:{settings.port}: {exc}\n")
+            return 1
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run
+        server.run(sockets=sockets)
+    return 0 if server.started else 3  # uvicorn's STARTUP_FAILURE
 
 
 if __name__ == "__main__":

@@ -171,21 +171,24 @@ def use_torchscript(mode: str, input_size: Sequence[int], device_type: str = "cp
 
 
 def decode_on_forward_thread(
-    mode: str, input_size: Sequence[int], device_type: str, forward_workers: int
+    mode: str, input_size: Sequence[int], device_type: str, forward_workers: int, cpus: int
 ) -> bool:
-    """``DECODE_ON_FORWARD_THREAD`` on/off, or auto: on a CPU with two or more forward threads,
-    for inputs of at most ``SMALL_INPUT_PIXELS``.
+    """``DECODE_ON_FORWARD_THREAD`` on/off, or auto: on a CPU with two or more forward threads
+    or with one CPU to the process (``WORKERS``), for inputs of at most ``SMALL_INPUT_PIXELS``.
 
     There a full-size JPEG's decode costs more than the image's share of the forward, and the
     hand-offs to and from the preprocessing pool (an executor future, a loop wake-up and two
     more threads wanting the GIL) cost about as much as the forward: ResNet-20@32 at C=32 went
     564 -> 739 img/s, 2.8 -> 2.1 CPU ms per request, mean batch 5.7 -> 10.7 (4 alternating
-    ``bench compare`` rounds). At 224 px the forward dominates and the pool lets decoding
-    overlap it (ResNet-18 C=32 83.2 vs 78.0 img/s). One forward thread would decode while
-    nobody else is computed, and on a GPU the pool keeps the device fed: off there.
+    ``bench compare`` rounds); with ``WORKERS=2`` on 2 cores (one forward thread and one CPU
+    each) 639 -> 785 img/s and C=1 p50 4.9 -> 3.9 ms (3 rounds). At 224 px the forward
+    dominates and the pool lets decoding overlap it (ResNet-18 C=32 83.2 vs 78.0 img/s). One
+    forward thread with a spare CPU would decode while that CPU has nothing to compute, and on
+    a GPU the pool keeps the device fed: off there.
     """
     if mode == "auto":
-        return device_type == "cpu" and forward_workers > 1 and is_small_input(input_size)
+        several = forward_workers > 1 or cpus == 1
+        return device_type == "cpu" and several and is_small_input(input_size)
     return mode == "on"
 
 

@@ -2,7 +2,8 @@
 
 Start-up (lifespan): set torch threads, open the preprocessing pool, list the model store, then
 load + warm up the archives in a background thread, so ``/healthz`` answers at once and
-``/readyz`` turns 200 only when the default model is warm. Shutdown (after uvicorn has finished
+``/readyz`` turns 200 only when the default model is warm (one of ``WORKERS`` > 1 processes
+instead waits for its store before uvicorn listens: ``service.workers``). Shutdown (after uvicorn has finished
 the in-flight requests): drain every batcher, stop the workers, close the pool.
 """
 
@@ -32,6 +33,7 @@ from .inference import cpu_has_native_bf16
 from .metrics import Metrics, MetricsMiddleware
 from .registry import Registry
 from .settings import Settings, get_settings
+from .workers import Peers
 
 log = logging.getLogger("service")
 
@@ -41,7 +43,8 @@ def _configure_torch(settings: Settings) -> None:
         torch.set_num_threads(settings.threads)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, peers: Peers | None = None) -> FastAPI:
+    """The app; ``peers``: this process's role when it is one of ``WORKERS`` processes."""
     settings = settings or get_settings()
     metrics = Metrics()
     registry = Registry(settings, metrics)
@@ -66,6 +69,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         "there and usually slower than fp32")  # fmt: skip
         loader = asyncio.create_task(_load_store(registry), name="load-model-store")
         app.state.loader = loader
+        if peers is not None:  # listen once warm: a sibling takes the connections till then
+            await loader
+            log.info("service process %d of %d ready to listen", peers.index, peers.count)
         try:
             yield
         finally:
@@ -85,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.registry = registry
+    app.state.peers = peers
     app.state.explain_limiter = ExplainLimiter(settings.max_concurrent_explain)
     install_error_handlers(app)
     if settings.cors_origins:

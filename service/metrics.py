@@ -2,11 +2,18 @@
 
 Latencies and sizes are histograms (so p99 aggregates across pods); labels stay low-cardinality:
 ``route`` is the route template, per-model series carry ``model`` and ``version``.
+
+With ``WORKERS`` > 1 (``service.workers``) prometheus-client runs in its multiprocess mode: every
+value lives in a file under ``PROMETHEUS_MULTIPROC_DIR`` (chosen when the library is imported)
+and ``/metrics`` from any process reads them all: counters and histograms summed, gauges as
+their ``multiprocess_mode`` says. The process, platform and GC collectors describe one process
+and are left out then, and a series cannot be removed: an unloaded version's gauges go to 0.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 from prometheus_client import (
@@ -18,6 +25,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -38,10 +46,12 @@ class Metrics:
     """The service's metrics, registered in their own ``CollectorRegistry``."""
 
     def __init__(self) -> None:
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.registry = registry = CollectorRegistry(auto_describe=True)
-        ProcessCollector(registry=registry)
-        PlatformCollector(registry=registry)
-        GCCollector(registry=registry)
+        if not self.multiprocess:
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
 
         def histogram(name: str, doc: str, labels: tuple[str, ...], buckets: tuple) -> Histogram:
             return Histogram(
@@ -76,7 +86,9 @@ class Metrics:
             "forward_seconds", "Time of one batched forward pass", MV, LATENCY_BUCKETS
         )
         self.batch_size = histogram("batch_size", "Images per forward pass", MV, BATCH_BUCKETS)
-        self.queue_depth = gauge("queue_depth", "Images waiting in the batch queue", MV)
+        self.queue_depth = gauge(
+            "queue_depth", "Images waiting in the batch queue", MV, multiprocess_mode="livesum"
+        )
         self.images = counter("images", "Images accepted for inference", MV)
         self.rejected = counter(
             "rejected", "Requests refused or failed, by reason", (*MV, "reason")
@@ -86,23 +98,33 @@ class Metrics:
             "confidence", "Top-1 confidence of each prediction", MV, CONFIDENCE_BUCKETS
         )
         self.model_info = gauge(
-            "model_info", "Loaded model versions (value 1)", (*MV, "arch", "device", "sha256")
-        )
+            "model_info", "Loaded model versions (value 1)", (*MV, "arch", "device", "sha256"),
+            multiprocess_mode="livemax",
+        )  # fmt: skip
         self.model_load = gauge(
-            "model_load_seconds", "Archive load + warm-up time of a version (load-to-ready)", MV
-        )
+            "model_load_seconds", "Archive load + warm-up time of a version (load-to-ready)", MV,
+            multiprocess_mode="livemax",
+        )  # fmt: skip
         self.oom_splits = counter(
             "oom_splits", "Batches split in halves after running out of device memory", MV
         )
         self.gpu_allocated = gauge(
-            "gpu_memory_allocated_bytes", "torch.cuda.memory_allocated per device", ("device",)
-        )
+            "gpu_memory_allocated_bytes", "torch.cuda.memory_allocated per device", ("device",),
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.gpu_reserved = gauge(
-            "gpu_memory_reserved_bytes", "torch.cuda.memory_reserved per device", ("device",)
-        )
+            "gpu_memory_reserved_bytes", "torch.cuda.memory_reserved per device", ("device",),
+            multiprocess_mode="livesum",
+        )  # fmt: skip
 
     def forget_model(self, model: str, version: str) -> None:
         """Drop the per-version series of an unloaded model version."""
+        if self.multiprocess:  # series live on in the files: zero the gauges instead
+            for gauge in (self.queue_depth, self.model_load, self.model_info):
+                for labels in list(gauge._metrics):  # noqa: SLF001 (as below)
+                    if labels[:2] == (model, version):
+                        gauge.labels(*labels).set(0)
+            return
         for metric in (
             self.queue_wait, self.preprocess, self.forward, self.batch_size, self.queue_depth,
             self.images, self.request_duration, self.oom_splits, self.model_load, self.confidence,
@@ -116,6 +138,10 @@ class Metrics:
 
     def render(self) -> bytes:
         self._sample_gpu()
+        if self.multiprocess:
+            every_process = CollectorRegistry()
+            MultiProcessCollector(every_process)
+            return generate_latest(every_process)
         return generate_latest(self.registry)
 
     def _sample_gpu(self) -> None:

@@ -48,7 +48,7 @@ from .inference import (
     use_torchscript,
 )
 from .metrics import Metrics
-from .settings import Settings, available_cpus
+from .settings import Settings
 
 log = logging.getLogger("service.registry")
 
@@ -379,7 +379,7 @@ class Registry:
             lone = settings.threads  # on a GPU the forward's CPU side needs no more
             if runner.device.type == "cpu":
                 lone = lone_image_threads(
-                    settings.lone_image_threads, max(settings.threads, available_cpus()),
+                    settings.lone_image_threads, max(settings.threads, settings.process_cpus),
                     settings.threads, card.input_size,
                 )  # fmt: skip
             batcher = Batcher(
@@ -394,7 +394,7 @@ class Registry:
             batcher.start()
             decodes_on_forward_thread = decode_on_forward_thread(
                 settings.decode_on_forward_thread, card.input_size, runner.device.type,
-                batcher.workers,
+                batcher.workers, settings.process_cpus,
             )  # fmt: skip
         except ArchiveError as exc:
             self._failed(entry, str(exc))

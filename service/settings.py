@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -58,8 +59,9 @@ class Settings(BaseSettings):
     decode_on_forward_thread: Literal["auto", "on", "off"] = Field(
         "auto", description="decode each upload on the forward thread that computes its batch "
         "instead of in the preprocessing pool (one thread hand-off per request instead of "
-        "two); auto: on a CPU with two or more forward threads, for inputs of at most 64x64 "
-        "pixels, where decoding costs more than the forward",
+        "two); auto: on a CPU with two or more forward threads or one CPU per process "
+        "(WORKERS), for inputs of at most 64x64 pixels, where decoding costs more than the "
+        "forward",
     )  # fmt: skip
     max_batch_size: int = Field(16, ge=1, le=4096)
     max_batch_delay_ms: float = Field(0.0, ge=0.0, le=10_000.0)
@@ -79,15 +81,15 @@ class Settings(BaseSettings):
         description="images waiting (while the first forward runs) before a helper forward starts",
     )  # fmt: skip
     torch_threads: int | None = Field(
-        None, ge=1, le=1024, description="default: usable CPUs - 1 (at least 1)"
+        None, ge=1, le=1024, description="default: the process's CPUs - 1 (at least 1)"
     )
     preprocess_threads: int | None = Field(
-        None, ge=1, le=1024, description="default: usable CPUs (affinity, cgroup quota)"
+        None, ge=1, le=1024, description="default: the process's CPUs (usable CPUs / WORKERS)"
     )
     lone_image_threads: int | None = Field(
         None, ge=1, le=1024,
         description="torch threads (CPU) for a forward of one image while nothing else is "
-        "queued, decoding or computing: the other cores are idle then (default: usable CPUs "
+        "queued, decoding or computing: the other cores are idle then (default: the process's CPUs "
         "for inputs over 64x64 pixels, otherwise TORCH_THREADS; 1 turns it off)",
     )  # fmt: skip
     malloc: Literal["auto", "tcmalloc", "system"] = Field(
@@ -116,6 +118,13 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     host: str = "0.0.0.0"  # noqa: S104 (a container listens on every interface)
     port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(
+        1, ge=1, le=64,
+        description="service processes sharing the port (Linux SO_REUSEPORT: the kernel spreads "
+        "connections over them), each with its own event loop, batchers and copy of every "
+        "model, and an equal share of the CPUs for its thread defaults; management calls are "
+        "applied in every process before they are answered (service/workers.py)",
+    )  # fmt: skip
 
     @field_validator("models", "cors_origins", mode="before")
     @classmethod
@@ -157,6 +166,16 @@ class Settings(BaseSettings):
             raise ValueError("PRECISION=fp16 needs a CUDA device; on a CPU use bf16")
         return self
 
+    @model_validator(mode="after")
+    def _check_workers(self) -> Settings:
+        if self.workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
+            raise ValueError("WORKERS > 1 needs SO_REUSEPORT (Linux), which this system lacks")
+        if self.workers > 1 and self.port == 0:
+            raise ValueError(
+                "WORKERS > 1 needs a fixed PORT: with 0 each process would get its own"
+            )
+        return self
+
     @property
     def torch_device(self) -> str:
         if self.device == "auto":
@@ -174,17 +193,22 @@ class Settings(BaseSettings):
         of ResNet-20/18 and 2x of ResNet-50 at C=32, because OpenMP threads that share their
         cores with the decoders spin-wait at every barrier; bench/RESULTS.md).
         """
-        return self.torch_threads or max(1, available_cpus() - 1)
+        return self.torch_threads or max(1, self.process_cpus - 1)
 
     @property
     def forward_workers(self) -> int:
         """Forward threads per model version: as many as the torch threads leave cores for."""
-        auto = min(MAX_AUTO_WORKERS, available_cpus() // self.threads)
+        auto = min(MAX_AUTO_WORKERS, self.process_cpus // self.threads)
         return self.inference_workers or max(1, auto)
 
     @property
     def pool_threads(self) -> int:
-        return self.preprocess_threads or available_cpus()
+        return self.preprocess_threads or self.process_cpus
+
+    @property
+    def process_cpus(self) -> int:
+        """The CPUs one service process plans its threads for: its share of the usable ones."""
+        return max(1, available_cpus() // self.workers)
 
 
 def available_cpus() -> int:

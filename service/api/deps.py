@@ -1,6 +1,7 @@
 """Dependencies shared by the routers (``Annotated`` aliases) and the access checks.
 
 - ``SettingsDep``, ``RegistryDep``, ``MetricsDep``, ``PoolDep``: the app's singletons;
+  ``PeersDep``: the sibling processes (``WORKERS`` > 1), or None;
 - ``ModelEntryDep``: the ready model version chosen by ``?model=&version=`` (404 unknown,
   503 loading/failed/unloading);
 - ``ExplainLimiterDep``: ``async with limiter.slot():`` admits at most
@@ -31,6 +32,7 @@ from ..errors import ServiceError, Unavailable
 from ..metrics import Metrics
 from ..registry import ModelEntry, Registry
 from ..settings import Settings
+from ..workers import Peers
 
 T = TypeVar("T")
 
@@ -51,10 +53,15 @@ async def get_pool(request: Request) -> ThreadPoolExecutor:
     return request.app.state.pool
 
 
+async def get_peers(request: Request) -> Peers | None:
+    return request.app.state.peers
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 PoolDep = Annotated[ThreadPoolExecutor, Depends(get_pool)]
+PeersDep = Annotated[Peers | None, Depends(get_peers)]
 
 ModelQuery = Annotated[
     str | None, Query(max_length=200, description="model name (default: the default model)")

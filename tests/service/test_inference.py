@@ -148,11 +148,13 @@ def test_torchscript_auto_traces_every_size_on_cpu_and_small_inputs_elsewhere() 
 def test_auto_decodes_on_the_forward_threads_only_for_small_inputs_on_a_cpu_with_two() -> None:
     from service.inference import decode_on_forward_thread as decide
 
-    assert decide("auto", (32, 32), "cpu", 2) and decide("auto", (64, 64), "cpu", 4)
-    assert not decide("auto", (224, 224), "cpu", 2)  # the pool overlaps decoding with forwards
-    assert not decide("auto", (32, 32), "cpu", 1)  # one thread: a slow decode would stall all
-    assert not decide("auto", (32, 32), "cuda", 2)  # the pool keeps the device fed
-    assert decide("on", (224, 224), "cuda", 1) and not decide("off", (28, 28), "cpu", 2)
+    assert decide("auto", (32, 32), "cpu", 2, 2) and decide("auto", (64, 64), "cpu", 4, 8)
+    assert not decide("auto", (224, 224), "cpu", 2, 2)  # the pool overlaps decoding, forwards
+    assert not decide("auto", (32, 32), "cpu", 1, 2)  # one thread: a slow decode would stall all
+    assert decide("auto", (32, 32), "cpu", 1, 1)  # no spare CPU for the pool to decode on
+    assert not decide("auto", (224, 224), "cpu", 1, 1)
+    assert not decide("auto", (32, 32), "cuda", 2, 2)  # the pool keeps the device fed
+    assert decide("on", (224, 224), "cuda", 1, 1) and not decide("off", (28, 28), "cpu", 2, 2)
 
 
 @pytest.mark.slow

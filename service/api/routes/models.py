@@ -8,6 +8,7 @@
 - ``PUT /models/{name}/default`` ``{"version": "2"}``: the version answering by default.
 
 Management bodies are parsed after the key check, so a request without the key learns nothing.
+With ``WORKERS`` > 1 a management call is answered once every service process has applied it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from ...schemas import (
     RegisterRequest,
     UnloadResponse,
 )
-from ..deps import AdminDep, RegistryDep
+from ...workers import Peers
+from ..deps import AdminDep, PeersDep, RegistryDep
 from ..errors import validation_detail
 from ..responses import JSONBytesResponse
 
@@ -96,6 +98,19 @@ async def _parse(request: Request, model: type[B]) -> B:
         raise InvalidRequest(validation_detail(errors) if errors else "invalid body") from None
 
 
+async def _in_every_process(
+    request: Request, peers: Peers | None, body: BaseModel | None = None
+) -> None:
+    """With ``WORKERS`` > 1: apply the call this process has just applied in its siblings too
+    (``service.workers``), unless it came from one."""
+    if peers is None or peers.is_forwarded(request.headers):
+        return
+    data = body.model_dump_json().encode() if body is not None else None
+    await peers.forward(
+        request.method, request.url.path, data, request.headers.get("authorization")
+    )
+
+
 @router.get("/models", response_model=ModelsResponse, summary="Every model version")
 async def list_models(registry: RegistryDep) -> Response:
     return JSONBytesResponse(registry.models_payload())
@@ -120,11 +135,12 @@ async def get_model(name: str, registry: RegistryDep) -> Response:
     openapi_extra=_json_body(RegisterRequest),
     summary="Register an archive already in MODEL_STORE (admin)",
 )
-async def register_model(request: Request, registry: RegistryDep) -> Response:
+async def register_model(request: Request, registry: RegistryDep, peers: PeersDep) -> Response:
     body = await _parse(request, RegisterRequest)
     entry = await registry.register(body.file)
     if entry.status != "ready":
         raise InvalidRequest(f"{body.file} could not be loaded: {entry.error}")
+    await _in_every_process(request, peers, body)
     return JSONBytesResponse(entry.info(default=registry.is_default(entry)), status_code=201)
 
 
@@ -136,11 +152,14 @@ async def register_model(request: Request, registry: RegistryDep) -> Response:
     summary="Unload a version after its queued requests finish (admin)",
 )
 async def unload_model(
+    request: Request,
     name: str,
     version: Annotated[str, PathParam(pattern=r"^[0-9]{1,9}$", description="a version number")],
     registry: RegistryDep,
+    peers: PeersDep,
 ) -> Response:
     await registry.unregister(name, version)
+    await _in_every_process(request, peers)
     return JSONBytesResponse({"name": name, "version": version, "status": "unloaded"})
 
 
@@ -152,7 +171,10 @@ async def unload_model(
     openapi_extra=_json_body(DefaultVersionRequest),
     summary="Set the version that answers by default (admin)",
 )
-async def set_default_version(name: str, request: Request, registry: RegistryDep) -> Response:
+async def set_default_version(
+    name: str, request: Request, registry: RegistryDep, peers: PeersDep
+) -> Response:
     body = await _parse(request, DefaultVersionRequest)
     registry.set_default_version(name, body.version)
+    await _in_every_process(request, peers, body)
     return JSONBytesResponse(registry.model_payload(name))

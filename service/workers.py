@@ -1,0 +1,224 @@
+"""Several service processes on one port (``WORKERS`` > 1): the supervisor and the peers.
+
+Why processes: one process's event loop and forward threads share one GIL. On 2 cores two
+processes of one forward thread each carried about a quarter more ResNet-20 images a second
+than one process, with a lower p99 (bench/NOTES.md, 2026-12-04 20:51).
+
+- ``supervise``: the process started as ``service`` with ``WORKERS=N`` starts N children of
+  ``python -m service`` and waits. SIGTERM/SIGINT are passed on to every child, each of which
+  finishes its requests and drains its queues as a single service does. A child that exits on
+  its own stops the others and the supervisor exits 1: a replacement would load the model store
+  as it is on disk, not as the management calls have left its siblings, so the orchestrator
+  (Kubernetes, a compose restart policy) restarts the whole service instead.
+- Each child binds its own socket to HOST:PORT with ``SO_REUSEPORT``, so the kernel spreads new
+  connections evenly over the processes (with one socket shared by forked processes, whichever
+  accepts first takes most connections: one round fell to 0.47 of the LIMIT that way). uvicorn
+  listens on it only once that child's model store has loaded and warmed up, so no connection
+  waits on a process that is still loading; ``/readyz`` says 503 until every process listens.
+- ``Peers``: each process has its own registry, so a management call (register, unload, default
+  version) is applied by the process that receives it, then sent to every sibling over a Unix
+  socket in a private directory (mode 0700) with a token that only this launch's processes
+  know, and answered once every process has applied it. A sibling that refuses what the first
+  process accepted is a server fault: 500 naming the process.
+- Metrics: prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, a fresh directory
+  per launch): ``/metrics`` from any process sums every process's counters and histograms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import http.client
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from .errors import ServiceError
+from .settings import Settings
+
+log = logging.getLogger("service.workers")
+
+ENV_INDEX = "IMGSERVE_WORKER_INDEX"
+ENV_DIR = "IMGSERVE_WORKER_DIR"
+ENV_TOKEN = "IMGSERVE_WORKER_TOKEN"
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client when it is imported
+TOKEN_HEADER = "x-imgserve-worker-token"
+
+
+class SiblingFailed(ServiceError):
+    """500: a management call this process applied was refused or lost by a sibling."""
+
+    status_code = 500
+
+
+def supervise(settings: Settings) -> int:
+    """Run ``settings.workers`` service processes until a signal (0) or one exits (1)."""
+    children: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}  # pid -> (index, process)
+    stopping = False
+
+    def stop(signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
+        nonlocal stopping
+        stopping = True
+        for _, process in children.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    status = 0
+    with tempfile.TemporaryDirectory(prefix="imgserve-workers-") as directory:
+        metrics_dir = Path(directory, "metrics")
+        metrics_dir.mkdir()
+        env = {**os.environ, ENV_DIR: directory, ENV_TOKEN: secrets.token_urlsafe(32),
+               METRICS_DIR_ENV: str(metrics_dir)}  # fmt: skip
+        for index in range(settings.workers):
+            if stopping:
+                break
+            process = subprocess.Popen(
+                [sys.executable, "-m", "service"], env={**env, ENV_INDEX: str(index)}
+            )
+            children[process.pid] = (index, process)
+        log.info("%d service processes on %s:%d", len(children), settings.host, settings.port)
+        while any(process.returncode is None for _, process in children.values()):
+            pid, wait_status = os.wait()
+            if pid not in children:
+                continue
+            index, process = children[pid]
+            process.returncode = code = os.waitstatus_to_exitcode(wait_status)
+            if not stopping:
+                log.error("service process %d (pid %d) exited with %d; stopping the others",
+                          index, pid, code)  # fmt: skip
+                status = 1
+                stop()
+    return status
+
+
+@dataclass(frozen=True)
+class Peers:
+    """This process's place among the service processes of one launch."""
+
+    index: int
+    count: int
+    directory: Path
+    token: str
+    timeout_s: float
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], settings: Settings) -> Peers | None:
+        """The role the supervisor gave this process, or None when it runs alone."""
+        if ENV_INDEX not in env:
+            return None
+        # a sibling may still be loading its store: wait for it as long as a load may take
+        return cls(int(env[ENV_INDEX]), settings.workers, Path(env[ENV_DIR]), env[ENV_TOKEN],
+                   timeout_s=max(300.0, settings.request_timeout_s))  # fmt: skip
+
+    def socket_path(self, index: int) -> Path:
+        return self.directory / f"worker-{index}.sock"
+
+    def sockets(self, host: str, port: int) -> list[socket.socket]:
+        """Bound, not yet listening: the public port (shared) and this process's own socket."""
+        public = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        public.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        public.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        public.bind((host, port))
+        private = socket.socket(socket.AF_UNIX)
+        private.bind(str(self.socket_path(self.index)))
+        return [public, private]
+
+    def not_listening(self) -> list[int]:
+        """The siblings that do not take connections yet (still loading their model store)."""
+        waiting = []
+        for index in range(self.count):
+            if index == self.index:
+                continue
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(str(self.socket_path(index)))
+                except OSError:  # not bound yet, or bound and not listening
+                    waiting.append(index)
+        return waiting
+
+    def is_forwarded(self, headers: Mapping[str, str]) -> bool:
+        """True for a call a sibling sent on (apply it here only)."""
+        return hmac.compare_digest(headers.get(TOKEN_HEADER, "").encode(), self.token.encode())
+
+    async def forward(
+        self, method: str, path: str, body: bytes | None, authorization: str | None
+    ) -> None:
+        """Send the management call this process has applied to every sibling; raise
+        ``SiblingFailed`` unless each answered 2xx."""
+        siblings = [i for i in range(self.count) if i != self.index]
+        answers = await asyncio.gather(
+            *(
+                asyncio.to_thread(self._send, i, method, path, body, authorization)
+                for i in siblings
+            ),
+            return_exceptions=True,
+        )
+        failures = []
+        for index, answer in zip(siblings, answers, strict=True):
+            if isinstance(answer, BaseException):
+                failures.append(f"process {index} could not be reached: {answer!r}")
+            elif not 200 <= answer[0] < 300:
+                failures.append(f"process {index} answered {answer[0]}: {answer[1]}")
+        if failures:
+            detail = f"{method} {path} was applied in service process {self.index}, but " + (
+                "; ".join(failures)
+            )
+            log.error("%s", detail)
+            raise SiblingFailed(detail)
+
+    def _send(
+        self, index: int, method: str, path: str, body: bytes | None, authorization: str | None
+    ) -> tuple[int, str]:
+        headers = {TOKEN_HEADER: self.token, "content-type": "application/json"}
+        if authorization is not None:
+            headers["authorization"] = authorization
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            connection = _UnixConnection(str(self.socket_path(index)), self.timeout_s)
+            try:
+                connection.request(method, path, body=body, headers=headers)
+                response = connection.getresponse()
+                data = response.read()
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)  # not listening yet: its model store is still loading
+                continue
+            finally:
+                connection.close()
+            try:
+                detail = str(json.loads(data).get("detail", ""))
+            except (ValueError, AttributeError):
+                detail = data[:200].decode(errors="replace")
+            return response.status, detail
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP/1.1 to a sibling's Unix socket."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock

@@ -1,0 +1,229 @@
+"""``WORKERS`` > 1: several service processes on one port (``service.workers``).
+
+The real supervisor and its children run as processes on loopback; the assertions are what a
+client or an operator sees: answers from every process, management calls applied everywhere
+before they are answered, summed metrics, and clean stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from service.settings import Settings
+from service.workers import Peers, SiblingFailed
+from trainer.archive import read_archive, write_archive
+
+from .conftest import ADMIN_KEY, digit_png
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+PNG = {"content": digit_png(4), "headers": {"content-type": "image/png"}}
+FRESH = 24  # new connections per check: all on one of two processes has odds of 2**-23
+
+
+def fresh(server, method: str, path: str, **kw) -> list[httpx.Response]:
+    """One request per new connection, so the kernel picks a process for each."""
+    answers = []
+    for _ in range(FRESH):
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            answers.append(client.request(method, path, **kw))
+    return answers
+
+
+def serving_children(pid: int) -> list[psutil.Process]:
+    return [child for child in psutil.Process(pid).children() if child.is_running()]
+
+
+@pytest.fixture
+def two_version_store(served_store: Path, tmp_path: Path) -> Path:
+    store = tmp_path / "mp_store"
+    store.mkdir()
+    shutil.copy(served_store / "digits-v1.mar", store)
+    archive = read_archive(served_store / "digits-v1.mar")
+    archive.card.version = "2"
+    write_archive(archive.card, archive.state_dict, store)
+    return store
+
+
+@pytest.fixture
+def two_processes(start_service, two_version_store: Path):
+    return start_service(
+        store=two_version_store,
+        env={"WORKERS": "2", "ADMIN_API_KEY": ADMIN_KEY, "MODELS": "digits-v1.mar"},
+    )
+
+
+def test_settings_split_the_cpus_between_the_processes(monkeypatch):
+    for name in ("WORKERS", "TORCH_THREADS", "PREPROCESS_THREADS", "INFERENCE_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("service.settings.available_cpus", lambda: 8)
+    one, four = Settings(), Settings(workers=4)
+    assert (one.process_cpus, one.threads, one.pool_threads) == (8, 7, 8)
+    assert (four.process_cpus, four.threads, four.pool_threads) == (2, 1, 2)
+    assert four.forward_workers == 2 and Settings(workers=8).forward_workers == 1
+    assert Settings(workers=4, torch_threads=3).threads == 3  # an explicit value wins
+
+
+def test_several_processes_need_a_fixed_port():
+    env = {**os.environ, "WORKERS": "2", "PORT": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert done.stderr == (
+        "service: invalid settings: WORKERS > 1 needs a fixed PORT: with 0 each process would "
+        "get its own\n"
+    )
+
+
+def test_every_process_answers_on_the_one_port(two_processes):
+    children = serving_children(two_processes.proc.pid)
+    assert len(children) == 2
+    with httpx.Client(base_url=two_processes.url, timeout=60) as client:
+        held = [httpx.Client(base_url=two_processes.url, timeout=60) for _ in range(FRESH)]
+        try:
+            for connection in held:  # open and keep FRESH connections
+                assert connection.post("/predict", **PNG).status_code == 200
+            port = int(two_processes.url.rsplit(":", 1)[1])
+            per_child = [
+                sum(1 for c in child.net_connections("tcp") if c.laddr.port == port and c.raddr)
+                for child in children
+            ]
+        finally:
+            for connection in held:
+                connection.close()
+        assert sum(per_child) == FRESH and min(per_child) > 0, per_child
+        labels = {
+            r.json()["predictions"][0]["label"]
+            for r in fresh(two_processes, "POST", "/predict", **PNG)
+        }
+        assert labels == {client.post("/predict", **PNG).json()["predictions"][0]["label"]}
+
+
+def test_management_calls_are_applied_in_every_process(two_processes):
+    url = two_processes.url
+    with httpx.Client(base_url=url, timeout=120) as client:
+        registered = client.post("/models", json={"file": "digits-v2.mar"}, headers=ADMIN)
+        assert registered.status_code == 201, registered.text
+    # answered once every process has it: the newest ready version is the default everywhere
+    assert {r.json()["version"] for r in fresh(two_processes, "POST", "/predict", **PNG)} == {"2"}
+
+    with httpx.Client(base_url=url, timeout=60) as client:
+        back = client.put("/models/digits/default", json={"version": "1"}, headers=ADMIN)
+        assert back.status_code == 200 and back.json()["default_version"] == "1"
+    assert {r.json()["version"] for r in fresh(two_processes, "POST", "/predict", **PNG)} == {"1"}
+
+    # a made-up token does not make a call local to one process
+    with httpx.Client(base_url=url, timeout=60) as client:
+        headers = {**ADMIN, "x-imgserve-worker-token": "guessed"}
+        gone = client.delete("/models/digits/1", headers=headers)
+        assert gone.json() == {"name": "digits", "version": "1", "status": "unloaded"}
+    for answer in fresh(two_processes, "GET", "/models/digits"):
+        assert [v["version"] for v in answer.json()["versions"]] == ["2"]
+    for answer in fresh(two_processes, "POST", "/predict?model=digits&version=1", **PNG):
+        assert answer.status_code == 404
+
+    # refused where it is received: no process changes, the client gets the usual answer
+    with httpx.Client(base_url=url, timeout=60) as client:
+        again = client.delete("/models/digits/1", headers=ADMIN)
+        assert again.status_code == 404 and isinstance(again.json()["detail"], str)
+        assert client.post("/models", json={"file": "digits-v2.mar"}).status_code == 401
+
+
+def test_metrics_count_every_process(two_processes):
+    before = _images_total(two_processes.metrics())
+    answers = fresh(two_processes, "POST", "/predict", **PNG)
+    assert {a.status_code for a in answers} == {200}
+    for _ in range(4):  # any process answers /metrics with the sum of all
+        assert _images_total(two_processes.metrics()) == before + FRESH
+    text = two_processes.metrics()
+    assert "imgserve_batch_size_count" in text and "process_cpu_seconds_total" not in text
+
+
+def _images_total(text: str) -> float:
+    lines = [line for line in text.splitlines() if line.startswith("imgserve_images_total{")]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+def test_sigterm_stops_every_process_and_cleans_up(two_processes):
+    children = serving_children(two_processes.proc.pid)
+    directories = {Path(c.environ()["IMGSERVE_WORKER_DIR"]) for c in children}
+    assert len(directories) == 1 and next(iter(directories)).is_dir()
+    assert two_processes.stop() == 0
+    assert not any(child.is_running() and child.status() != "zombie" for child in children)
+    assert not next(iter(directories)).exists()
+
+
+def test_a_process_that_dies_stops_the_service(two_processes):
+    children = serving_children(two_processes.proc.pid)
+    children[0].send_signal(signal.SIGKILL)
+    assert two_processes.proc.wait(60) == 1
+    deadline = time.monotonic() + 30
+    while children[1].is_running() and children[1].status() != "zombie":
+        assert time.monotonic() < deadline, "the other process kept running"
+        time.sleep(0.1)
+    assert "exited with -9; stopping the others" in two_processes.log()
+
+
+def test_ready_once_every_sibling_listens(tmp_path: Path):
+    """``/readyz`` of one process stays 503 while a sibling has not started listening."""
+    import socket
+
+    peers = Peers(index=0, count=3, directory=tmp_path, token="t" * 43, timeout_s=5)
+    with socket.socket(socket.AF_UNIX) as one, socket.socket(socket.AF_UNIX) as two:
+        one.bind(str(peers.socket_path(1)))
+        one.listen()
+        assert peers.not_listening() == [2]  # no socket file yet
+        two.bind(str(peers.socket_path(2)))
+        assert peers.not_listening() == [2]  # bound, not listening: its store is loading
+        two.listen()
+        assert peers.not_listening() == []
+
+
+def test_a_sibling_that_refuses_is_a_500_naming_it(tmp_path: Path):
+    """``Peers.forward`` against a real Unix-socket HTTP peer that answers 409."""
+    peers = Peers(index=0, count=3, directory=tmp_path, token="t" * 43, timeout_s=5)
+    seen: list[bytes] = []
+
+    async def answer(status: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+            if line.startswith(b"content-length:")
+        )  # fmt: skip
+        seen.append(head + await reader.readexactly(length))
+        body = b'{"detail":"digits-v2.mar is already registered (ready)"}'
+        writer.write(f"HTTP/1.1 {status}\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> None:
+        ok = await asyncio.start_unix_server(
+            lambda r, w: answer("200 OK", r, w), str(peers.socket_path(1))
+        )
+        refusing = await asyncio.start_unix_server(
+            lambda r, w: answer("409 Conflict", r, w), str(peers.socket_path(2))
+        )
+        async with ok, refusing:
+            await peers.forward("POST", "/models", b'{"file":"digits-v2.mar"}', "Bearer k")
+
+    with pytest.raises(SiblingFailed) as caught:
+        asyncio.run(scenario())
+    assert caught.value.status_code == 500
+    assert caught.value.detail == (
+        "POST /models was applied in service process 0, but process 2 answered 409: "
+        "digits-v2.mar is already registered (ready)"
+    )
+    assert len(seen) == 2 and all(h.endswith(b'{"file":"digits-v2.mar"}') for h in seen)
+    assert all(f"x-imgserve-worker-token: {'t' * 43}".encode() in h.lower() for h in seen)
+    assert all(b"authorization: bearer k" in h.lower() for h in seen)
