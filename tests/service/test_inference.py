@@ -64,7 +64,10 @@ def test_every_batch_norm_of_bottleneck_and_sequential_networks_is_folded(arch: 
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     x = torch.randn(3, 3, 32, 32)
     with torch.inference_mode():
-        assert torch.allclose(folded(x), model(x), atol=1e-4, rtol=1e-4)
+        got, want = folded(x), model(x)
+    # fp32 rounding grows with the logits' size (up to ~800 here through 50 layers): an absolute
+    # 1e-4 failed 2 of 30 random networks by 3e-4-6e-4, where a wrong fold is off by O(scale)
+    assert torch.allclose(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-4)
 
 
 def test_a_batch_norm_that_does_not_follow_its_conv_is_left_alone() -> None:
