@@ -67,6 +67,19 @@ def stage_of(frames: list[str]) -> str:
     return "other"
 
 
+def _thread_of(frames: list[str]) -> str:
+    """ "thread: NAME", or "process PID thread: NAME" where py-spy followed child processes
+    (``--subprocesses``: a ``process PID:"cmd"`` frame per generation above the thread)."""
+    if not frames or not frames[0].startswith(("thread", "process")):
+        return "?"
+    processes = [f for f in frames if f.startswith("process ")]
+    thread = next((f for f in frames if f.startswith("thread")), frames[0])
+    thread = re.sub(r"\s*\((0x)?[0-9a-f]+\)", "", thread)
+    if len(processes) > 1:  # a child of the process py-spy was pointed at (WORKERS > 1)
+        return f"{processes[-1].split(':')[0]} {thread}"
+    return thread
+
+
 def summarize_profile(stacks: list[tuple[list[str], int]]) -> dict[str, Any]:
     total = sum(count for _, count in stacks) or 1
     threads: Counter[str] = Counter()
@@ -74,8 +87,7 @@ def summarize_profile(stacks: list[tuple[list[str], int]]) -> dict[str, Any]:
     leaves: Counter[str] = Counter()
     by_thread_stage: dict[str, Counter[str]] = defaultdict(Counter)
     for frames, count in stacks:
-        thread = frames[0] if frames and frames[0].startswith(("thread", "process")) else "?"
-        thread = re.sub(r"\s*\((0x)?[0-9a-f]+\)", "", thread)
+        thread = _thread_of(frames)
         stage = stage_of(frames)
         threads[thread] += count
         stages[stage] += count
@@ -128,8 +140,19 @@ def profile(
             runner.measure(endpoint, Timing(warmup_s=2.0, duration_s=2.0), mode="closed",
                            concurrency=concurrency)  # fmt: skip
             raw = out_dir / f"{model}-{target}-c{concurrency}-{stamp}.txt"
-            argv = [spy, "record", "--pid", str(endpoint.pids[0]), "--rate", str(rate),
-                    "--duration", str(int(duration_s)), "--threads", "--nonblocking"]  # fmt: skip
+            argv = [
+                spy,
+                "record",
+                "--pid",
+                str(endpoint.pids[0]),
+                "--rate",
+                str(rate),
+                "--duration",
+                str(int(duration_s)),
+                "--threads",
+                "--nonblocking",
+                "--subprocesses",
+            ]  # fmt: skip (the service's processes with WORKERS > 1)
             outputs = [("raw", raw)] + ([("flamegraph", raw.with_suffix(".svg"))] if svg else [])
             spies = []
             for fmt, path in outputs:  # --nonblocking: several samplers can read one process

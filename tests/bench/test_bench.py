@@ -598,6 +598,16 @@ def test_profile_stacks_are_attributed_to_pipeline_stages() -> None:
     assert summary["samples"] == 70
     assert summary["stages"][0] == ("forward: model", 42.9)
     assert summary["threads"][0] == ("thread: infer-m", 57.1)
+    # --subprocesses (WORKERS > 1): the child's pid names its threads
+    root, child = 'process 10:"python -m service"', 'process 11:"python -m service"'
+    nested = parse_raw(
+        f"{root};thread (10): MainThread;run (asyncio/runners.py:1) 4\n"
+        f"{root};{child};thread (11): infer-m;forward (service/inference.py:99) 6"
+    )
+    assert summarize_profile(nested)["threads"] == [
+        ("process 11 thread: infer-m", 60.0),
+        ("thread: MainThread", 40.0),
+    ]
 
 
 def test_generated_images_are_mixed_size_jpegs(tmp_path: Path) -> None:
