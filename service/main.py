@@ -3,8 +3,9 @@
 Start-up (lifespan): set torch threads, open the preprocessing pool, list the model store, then
 load + warm up the archives in a background thread, so ``/healthz`` answers at once and
 ``/readyz`` turns 200 only when the default model is warm (one of ``WORKERS`` > 1 processes
-instead waits for its store before uvicorn listens: ``service.workers``). Shutdown (after uvicorn has finished
-the in-flight requests): drain every batcher, stop the workers, close the pool.
+instead waits for its store before uvicorn listens: ``service.workers``). Shutdown (after
+uvicorn has finished the in-flight requests): drain every batcher, stop the workers, close the
+pool.
 """
 
 from __future__ import annotations

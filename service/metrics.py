@@ -7,7 +7,8 @@ With ``WORKERS`` > 1 (``service.workers``) prometheus-client runs in its multipr
 value lives in a file under ``PROMETHEUS_MULTIPROC_DIR`` (chosen when the library is imported)
 and ``/metrics`` from any process reads them all: counters and histograms summed, gauges as
 their ``multiprocess_mode`` says. The process, platform and GC collectors describe one process
-and are left out then, and a series cannot be removed: an unloaded version's gauges go to 0.
+and are left out then, a series cannot be removed (an unloaded version's gauges go to 0), and
+the GPU memory gauges hold each process's figure as of its last ``/metrics`` answer.
 """
 
 from __future__ import annotations
