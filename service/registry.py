@@ -443,6 +443,11 @@ class Registry:
             raise NotFound(f"no archive {file!r} in the model store")
         return path
 
+    def registered(self, file: str) -> ModelEntry | None:
+        """The loaded or loading (not failed) entry of archive ``file``, if any."""
+        entry = self._entries.get(file)
+        return entry if entry is not None and entry.status != FAILED else None
+
     async def register(self, file: str) -> ModelEntry:
         """Load ``file`` (already in the store) and start serving it once warmed up."""
         path = self.archive_path(file)

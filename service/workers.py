@@ -18,8 +18,10 @@ than one process, with a lower p99 (bench/NOTES.md, 2026-12-04 20:51).
 - ``Peers``: each process has its own registry, so a management call (register, unload, default
   version) is applied by the process that receives it, then sent to every sibling over a Unix
   socket in a private directory (mode 0700) with a token that only this launch's processes
-  know, and answered once every process has applied it. A sibling that refuses what the first
-  process accepted is a server fault: 500 naming the process.
+  know, and answered once every process has applied it. A call passed on that finds its state
+  already there (two clients registering or unloading one version through two processes at
+  once) is accepted; a sibling that refuses what the first process accepted is a server fault:
+  500 naming the process.
 - Metrics: prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, a fresh directory
   per launch): ``/metrics`` from any process sums every process's counters and histograms.
 """

@@ -140,6 +140,31 @@ def test_management_calls_are_applied_in_every_process(two_processes):
         assert client.post("/models", json={"file": "digits-v2.mar"}).status_code == 401
 
 
+def test_a_call_passed_on_accepts_the_state_it_asks_for(two_processes):
+    """Two clients registering (or unloading) one version through two processes at once: the
+    call each process passes on finds the other's done already. That is the state asked for,
+    not a conflict; only with this launch's token, on a process's private socket."""
+    child = serving_children(two_processes.proc.pid)[0]
+    env = child.environ()
+    private = Path(env["IMGSERVE_WORKER_DIR"]) / f"worker-{env['IMGSERVE_WORKER_INDEX']}.sock"
+    passed_on = {**ADMIN, "x-imgserve-worker-token": env["IMGSERVE_WORKER_TOKEN"]}
+    transport = httpx.HTTPTransport(uds=str(private))
+    with httpx.Client(transport=transport, base_url="http://worker", timeout=60) as c:
+        again = c.post("/models", json={"file": "digits-v1.mar"}, headers=passed_on)
+        assert again.status_code == 201 and again.json()["version"] == "1"
+        gone = c.delete("/models/digits/7", headers=passed_on)
+        assert gone.json() == {"name": "digits", "version": "7", "status": "unloaded"}
+        # the same calls from a client: the usual conflict and not-found
+        assert c.post("/models", json={"file": "digits-v1.mar"}, headers=ADMIN).status_code == 409
+        assert c.delete("/models/digits/7", headers=ADMIN).status_code == 404
+        wrong = {**ADMIN, "x-imgserve-worker-token": "x" * 43}
+        assert c.delete("/models/digits/7", headers=wrong).status_code == 404
+        # the same version from another file is a real conflict, passed on or not
+        shutil.copy(two_processes.store / "digits-v1.mar", two_processes.store / "copy-v1.mar")
+        clash = c.post("/models", json={"file": "copy-v1.mar"}, headers=passed_on)
+        assert clash.status_code == 409 and "digits-v1.mar" in clash.json()["detail"]
+
+
 def test_metrics_count_every_process(two_processes):
     before = _images_total(two_processes.metrics())
     answers = fresh(two_processes, "POST", "/predict", **PNG)

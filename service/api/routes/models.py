@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.responses import Response
 
-from ...errors import InvalidRequest
+from ...errors import Conflict, InvalidRequest, NotFound
 from ...schemas import (
     DefaultVersionRequest,
     ErrorResponse,
@@ -98,12 +98,17 @@ async def _parse(request: Request, model: type[B]) -> B:
         raise InvalidRequest(validation_detail(errors) if errors else "invalid body") from None
 
 
+def _from_sibling(request: Request, peers: Peers | None) -> bool:
+    """A call another service process applied and passes on (``WORKERS`` > 1)."""
+    return peers is not None and peers.is_forwarded(request.headers)
+
+
 async def _in_every_process(
     request: Request, peers: Peers | None, body: BaseModel | None = None
 ) -> None:
     """With ``WORKERS`` > 1: apply the call this process has just applied in its siblings too
     (``service.workers``), unless it came from one."""
-    if peers is None or peers.is_forwarded(request.headers):
+    if peers is None or _from_sibling(request, peers):
         return
     data = body.model_dump_json().encode() if body is not None else None
     await peers.forward(
@@ -137,7 +142,15 @@ async def get_model(name: str, registry: RegistryDep) -> Response:
 )
 async def register_model(request: Request, registry: RegistryDep, peers: PeersDep) -> Response:
     body = await _parse(request, RegisterRequest)
-    entry = await registry.register(body.file)
+    try:
+        entry = await registry.register(body.file)
+    except Conflict:
+        # Passed on by a sibling and already here: two clients registered the same file through
+        # two processes at once. Each process has it, which is what both asked for.
+        registered = registry.registered(body.file) if _from_sibling(request, peers) else None
+        if registered is None:
+            raise
+        entry = registered
     if entry.status != "ready":
         raise InvalidRequest(f"{body.file} could not be loaded: {entry.error}")
     await _in_every_process(request, peers, body)
@@ -158,7 +171,11 @@ async def unload_model(
     registry: RegistryDep,
     peers: PeersDep,
 ) -> Response:
-    await registry.unregister(name, version)
+    try:
+        await registry.unregister(name, version)
+    except NotFound:
+        if not _from_sibling(request, peers):
+            raise  # passed on by a sibling and gone already: another client unloaded it here
     await _in_every_process(request, peers)
     return JSONBytesResponse({"name": name, "version": version, "status": "unloaded"})
 
