@@ -93,7 +93,10 @@ def supervise(settings: Settings) -> int:
             children[process.pid] = (index, process)
         log.info("%d service processes on %s:%d", len(children), settings.host, settings.port)
         while any(process.returncode is None for _, process in children.values()):
-            pid, wait_status = os.wait()
+            try:
+                pid, wait_status = os.wait()
+            except ChildProcessError:  # the last ones were reaped by Popen.poll in stop()
+                break
             if pid not in children:
                 continue
             index, process = children[pid]
