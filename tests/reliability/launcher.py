@@ -110,7 +110,9 @@ def instrument(app: FastAPI) -> FastAPI:
 
 def main() -> int:
     create_app = service.main.create_app
-    service.main.create_app = lambda settings=None: instrument(create_app(settings))
+    service.main.create_app = lambda settings=None, peers=None: instrument(
+        create_app(settings, peers=peers)
+    )
     from service.__main__ import main as service_main
 
     return service_main()
