@@ -28,7 +28,7 @@ from .conftest import ADMIN_KEY, digit_png
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 PNG = {"content": digit_png(4), "headers": {"content-type": "image/png"}}
-FRESH = 24  # new connections per check: all on one of two processes has odds of 2**-23
+FRESH = 24  # new connections per check: all on one process has odds 2**-23 if spread at random
 
 
 def fresh(server, method: str, path: str, **kw) -> list[httpx.Response]:
