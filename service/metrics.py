@@ -39,6 +39,7 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 MV = ("model", "version")
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client when imported
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "MetricsMiddleware"]
 
@@ -47,7 +48,7 @@ class Metrics:
     """The service's metrics, registered in their own ``CollectorRegistry``."""
 
     def __init__(self) -> None:
-        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.multiprocess = bool(os.environ.get(MULTIPROCESS_DIR_ENV))
         self.registry = registry = CollectorRegistry(auto_describe=True)
         if not self.multiprocess:
             ProcessCollector(registry=registry)
@@ -122,9 +123,8 @@ class Metrics:
         """Drop the per-version series of an unloaded model version."""
         if self.multiprocess:  # series live on in the files: zero the gauges instead
             for gauge in (self.queue_depth, self.model_load, self.model_info):
-                for labels in list(gauge._metrics):  # noqa: SLF001 (as below)
-                    if labels[:2] == (model, version):
-                        gauge.labels(*labels).set(0)
+                for labels in _series_of(gauge, model, version):
+                    gauge.labels(*labels).set(0)
             return
         for metric in (
             self.queue_wait, self.preprocess, self.forward, self.batch_size, self.queue_depth,
@@ -133,9 +133,8 @@ class Metrics:
             with contextlib.suppress(KeyError):
                 metric.remove(model, version)
         for metric in (self.rejected, self.predictions, self.model_info):
-            for labels in list(metric._metrics):  # noqa: SLF001 (no public way to list children)
-                if labels[:2] == (model, version):
-                    metric.remove(*labels)
+            for labels in _series_of(metric, model, version):
+                metric.remove(*labels)
 
     def render(self) -> bytes:
         self._sample_gpu()
@@ -154,6 +153,12 @@ class Metrics:
             name = f"cuda:{index}"
             self.gpu_allocated.labels(name).set(torch.cuda.memory_allocated(index))
             self.gpu_reserved.labels(name).set(torch.cuda.memory_reserved(index))
+
+
+def _series_of(metric: Gauge | Counter, model: str, version: str) -> list[tuple[str, ...]]:
+    """The label values of ``metric``'s series for one model version."""
+    children = list(metric._metrics)  # noqa: SLF001 (no public way to list children)
+    return [labels for labels in children if labels[:2] == (model, version)]
 
 
 class MetricsMiddleware:

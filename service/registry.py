@@ -452,8 +452,8 @@ class Registry:
         """Load ``file`` (already in the store) and start serving it once warmed up."""
         path = self.archive_path(file)
         async with self._manage:
-            existing = self._entries.get(path.name)
-            if existing is not None and existing.status != FAILED:
+            existing = self.registered(path.name)
+            if existing is not None:
                 raise Conflict(f"{path.name} is already registered ({existing.status})")
             entry = await asyncio.to_thread(self._placeholder, path)
             if entry.status == FAILED:

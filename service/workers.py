@@ -47,6 +47,7 @@ from pathlib import Path
 from types import FrameType
 
 from .errors import ServiceError
+from .metrics import MULTIPROCESS_DIR_ENV
 from .settings import Settings
 
 log = logging.getLogger("service.workers")
@@ -54,7 +55,6 @@ log = logging.getLogger("service.workers")
 ENV_INDEX = "IMGSERVE_WORKER_INDEX"
 ENV_DIR = "IMGSERVE_WORKER_DIR"
 ENV_TOKEN = "IMGSERVE_WORKER_TOKEN"
-METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client when it is imported
 TOKEN_HEADER = "x-imgserve-worker-token"
 
 
@@ -83,7 +83,7 @@ def supervise(settings: Settings) -> int:
         metrics_dir = Path(directory, "metrics")
         metrics_dir.mkdir()
         env = {**os.environ, ENV_DIR: directory, ENV_TOKEN: secrets.token_urlsafe(32),
-               METRICS_DIR_ENV: str(metrics_dir)}  # fmt: skip
+               MULTIPROCESS_DIR_ENV: str(metrics_dir)}  # fmt: skip
         for index in range(settings.workers):
             if stopping:
                 break
