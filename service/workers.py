@@ -9,7 +9,8 @@ than one process, with a lower p99 (bench/NOTES.md, 2026-12-04 20:51).
   finishes its requests and drains its queues as a single service does. A child that exits on
   its own stops the others and the supervisor exits 1: a replacement would load the model store
   as it is on disk, not as the management calls have left its siblings, so the orchestrator
-  (Kubernetes, a compose restart policy) restarts the whole service instead.
+  (Kubernetes, a compose restart policy) restarts the whole service instead. A second launch
+  on the same port is refused (``hold_port``), as a single process would be by the kernel.
 - Each child binds its own socket to HOST:PORT with ``SO_REUSEPORT``, so the kernel spreads new
   connections evenly over the processes (with one socket shared by forked processes, whichever
   accepts first takes most connections: one round fell to 0.47 of the LIMIT that way). uvicorn
@@ -29,6 +30,8 @@ than one process, with a lower p99 (bench/NOTES.md, 2026-12-04 20:51).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import hmac
 import http.client
 import json
@@ -37,6 +40,7 @@ import os
 import secrets
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -65,7 +69,59 @@ class SiblingFailed(ServiceError):
 
 
 def supervise(settings: Settings) -> int:
-    """Run ``settings.workers`` service processes until a signal (0) or one exits (1)."""
+    """Run ``settings.workers`` service processes until a signal (0) or one exits (1); 1 at
+    once, with one line on stderr, when another launch holds the port."""
+    try:
+        port_lock = hold_port(settings.port)
+    except PortHeld as exc:
+        sys.stderr.write(f"service: cannot bind {settings.host}:{settings.port}: {exc}\n")
+        return 1
+    with port_lock or contextlib.nullcontext():
+        return _supervise(settings)
+
+
+class PortHeld(OSError):
+    """Another launch with ``WORKERS`` > 1 serves this port."""
+
+
+def hold_port(port: int) -> socket.socket | None:
+    """A lock on ``port`` for one launch with several processes, held while the socket is open.
+
+    Why: the children bind with ``SO_REUSEPORT``, and the kernel lets any process of the same
+    user join that group. A second launch on the port (a forgotten instance, a typo in a unit
+    file) would not fail with "address in use" as a single process does: the kernel would
+    quietly spread connections over both launches, whose models and management state differ.
+    The lock is an abstract Unix socket named after the port; such names live in the network
+    namespace, as the port does, and vanish with the process, so a killed launch leaves none.
+    Returns None where abstract sockets do not exist (not Linux); raises ``PortHeld``.
+    """
+    lock = socket.socket(socket.AF_UNIX)
+    name = f"\0imgserve-workers-port-{port}"
+    try:
+        lock.bind(name)
+    except OSError as exc:
+        lock.close()
+        if exc.errno != errno.EADDRINUSE:
+            log.warning("no lock on port %d for this launch (%s)", port, exc)
+            return None
+        raise PortHeld(
+            f"another service launch with WORKERS > 1 holds port {port}{_holder(name)}"
+        ) from None
+    lock.listen(1)  # never accepted: a connection only reads its owner's pid (SO_PEERCRED)
+    return lock
+
+
+def _holder(name: str) -> str:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(name)
+            cred = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return ""
+    return f" (pid {struct.unpack('3i', cred)[0]})"
+
+
+def _supervise(settings: Settings) -> int:
     children: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}  # pid -> (index, process)
     stopping = False
 

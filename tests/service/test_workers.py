@@ -86,6 +86,38 @@ def test_several_processes_need_a_fixed_port():
     )
 
 
+def test_a_second_launch_on_the_port_is_refused(two_processes):
+    """The kernel would let a second launch's processes join the first's ``SO_REUSEPORT``
+    group and split the clients between two services; it fails as a single process would."""
+    port = two_processes.url.rsplit(":", 1)[1]
+    env = {**os.environ, "WORKERS": "2", "HOST": "127.0.0.1", "PORT": port,
+           "MODEL_STORE": str(two_processes.store)}  # fmt: skip
+    second = subprocess.Popen(
+        [sys.executable, "-m", "service"], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _, stderr = second.communicate(timeout=60)
+    finally:  # had it joined, its processes would be serving: stop them all
+        if second.poll() is None:
+            os.killpg(second.pid, signal.SIGKILL)
+            second.wait()
+    assert second.returncode == 1
+    assert stderr == (
+        f"service: cannot bind 127.0.0.1:{port}: another service launch with WORKERS > 1 holds "
+        f"port {port} (pid {two_processes.proc.pid})\n"
+    )
+    listeners = [
+        c for c in psutil.net_connections("tcp")
+        if c.laddr.port == int(port) and c.status == psutil.CONN_LISTEN
+    ]  # fmt: skip
+    assert sorted(c.pid for c in listeners) == sorted(
+        child.pid for child in serving_children(two_processes.proc.pid)
+    )
+    with httpx.Client(base_url=two_processes.url, timeout=60) as client:
+        assert client.post("/predict", **PNG).status_code == 200
+
+
 def test_every_process_answers_on_the_one_port(two_processes):
     children = serving_children(two_processes.proc.pid)
     assert len(children) == 2
