@@ -242,7 +242,7 @@ class Registry:
             return False, self.scan_error
         entries = self.entries()
         if not entries:
-            return False, f"no model archives (*.mar) in MODEL_STORE ({self.store})"
+            return False, self._why_no_entries()
         name = self.default_model_name()
         if name is None:
             reasons = "; ".join(f"{e.file}: {e.error}" for e in entries if e.error)
@@ -252,6 +252,20 @@ class Registry:
         except (Unavailable, NotFound) as exc:
             return False, exc.detail
         return True, f"default model {entry.name!r} version {entry.version} is ready"
+
+    def _why_no_entries(self) -> str:
+        # the store may hold archives that were all unloaded, or that MODELS leaves out: saying
+        # "no archives" then sends an operator looking for files that are there
+        try:
+            on_disk = list_archives(self.store)
+        except OSError as exc:
+            return f"cannot list MODEL_STORE {self.store}: {exc}"
+        if not on_disk:
+            return f"no model archives (*.mar) in MODEL_STORE ({self.store})"
+        return (
+            f"no model is registered: the {len(on_disk)} archive(s) in MODEL_STORE "
+            f"({self.store}) were unloaded or are not in MODELS; register one with POST /models"
+        )
 
     def models_payload(self) -> dict[str, Any]:
         default_name = self.default_model_name()

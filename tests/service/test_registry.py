@@ -84,6 +84,8 @@ def test_empty_store_stays_up_and_serves_once_an_archive_is_registered(
         predict = c.post("/predict", **PNG)
         assert predict.status_code == 503 and "no model" in predict.json()["detail"]
         shutil.copy(digits_archive(served_store), store / "digits-v1.mar")
+        not_yet = c.get("/readyz").json()["detail"]  # on disk is not registered
+        assert "1 archive(s) in MODEL_STORE" in not_yet and "POST /models" in not_yet
         response = c.post("/models", json={"file": "digits-v1.mar"}, headers=ADMIN)
         assert response.status_code == 201, response.text
         entry = response.json()
@@ -91,6 +93,12 @@ def test_empty_store_stays_up_and_serves_once_an_archive_is_registered(
         assert c.get("/readyz").status_code == 200
         answer = c.post("/predict", **PNG)
         assert answer.status_code == 200 and answer.json()["version"] == "1"
+        # unloading the last version leaves the file: the answers say so, not "no archives"
+        assert c.delete("/models/digits/1", headers=ADMIN).status_code == 200
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and "were unloaded" in ready.json()["detail"]
+        assert c.get("/models").json()["detail"] == ready.json()["detail"]
+        assert c.post("/predict", **PNG).status_code == 503
 
 
 def test_missing_store_directory_is_reported(start_service, tmp_path: Path):
