@@ -804,6 +804,7 @@ def test_stack_floor_sends_the_job_through_every_server_and_stops_them() -> None
     from bench import stack_floor
 
     bodies = [bytes([n]) * 70_000 for n in range(3)]
+    before = set(psutil.Process().children(recursive=True))  # a session fixture's server, say
     p50s = stack_floor.measure(bodies, job_ms=20.0, rounds=2, requests=10)
     assert set(p50s) == set(stack_floor.SERVERS)
     for server, values in p50s.items():
@@ -811,7 +812,7 @@ def test_stack_floor_sends_the_job_through_every_server_and_stops_them() -> None
         assert all(0.020 <= value < 5.0 for value in values), (server, values)  # the job ran
     assert stack_floor._job_ms(b"/predict-job?x=1&ms=4.5") == 4.5
     assert stack_floor._job_ms(b"/predict-job") == 0.0
-    assert psutil.Process().children(recursive=True) == []  # every server was stopped
+    assert set(psutil.Process().children(recursive=True)) <= before  # every server stopped
 
 
 def test_a_ratio_is_never_printed_on_the_wrong_side_of_its_threshold() -> None:
