@@ -3,9 +3,11 @@
 #   bench/gpu_check.sh IMAGES_DIR OUT_DIR        (BUDGET_S: seconds in all, default 570)
 # 1. the CUDA tests (tests/service/test_cuda.py: padded batches, fp32/bf16/fp16 against the CPU,
 #    the service predicting and explaining on the GPU);
-# 2. the GPU benchmark (python -m bench run --gpu: LIMIT, service, naive app; ResNet-50@224,
+# 2. one service process against several on the one GPU (WORKERS=2, 4) and against two forward
+#    threads (INFERENCE_WORKERS=2), at C=256 (bench compare): the levers left after nvjpeg,
+#    which no GPU has measured yet, so they run first;
+# 3. the GPU benchmark (python -m bench run --gpu: LIMIT, service, naive app; ResNet-50@224,
 #    bf16, batches up to 128), trimmed to a few minutes;
-# 3. the service decoding on the GPU against decoding in its CPU pool (bench compare);
 # 4. where an image's time goes on the GPU (python -m bench.gpu_probe: the forward alone, H2D
 #    copies, CPU decoding with 1..all threads, nvjpeg, the service's GPU decoding path);
 # 5. a py-spy profile of the service under GPU load, if py-spy is on the PATH.
@@ -47,6 +49,17 @@ from bench.config import CACHE
 print(ensure(MODELS['r50'], CACHE))" 2> "$logs/archive.log" | tail -1)
 echo "gpu_check: archive ${archive:-not built (see archive.log)}"
 
+step "one process against several, and two forward threads, C=256"
+# no PREPROCESS_THREADS here: each process's threads default to its share of the cores
+shared="DEVICE=cuda,PRECISION=bf16,MAX_BATCH_SIZE=128,MAX_QUEUE=4096"
+timeout "$(allow 150 250)" "$py" -m bench compare --model r50 --images "$images" \
+  --variant "one:$shared" --variant "two-forwards:$shared,INFERENCE_WORKERS=2" \
+  --variant "workers2:$shared,WORKERS=2" --variant "workers4:$shared,WORKERS=4" \
+  --concurrency 256 --rounds 1 --duration 4 --warmup 3 --loadgen-procs 4 \
+  > "$logs/compare.log" 2>&1
+echo "gpu_check: compare exited $?"
+tail -14 "$logs/compare.log"
+
 step "GPU benchmark"
 timeout "$(allow 200 100)" "$py" -m bench run --gpu --images "$images" --results-dir "$out" \
   --results-md "$out/RESULTS.md" --no-install-torchserve --targets limit,service,naive \
@@ -54,15 +67,6 @@ timeout "$(allow 200 100)" "$py" -m bench run --gpu --images "$images" --results
   --capacity-probes 1,0.8 --label "gpu-$(hostname -s)" > "$logs/bench.log" 2>&1
 echo "gpu_check: bench exited $?"
 grep -E '^\| (limit|service|naive)|^LIMIT|capacity|^bench:' "$logs/bench.log" | tail -30
-
-step "decoding on the GPU against the CPU pool, C=256"
-variant=$(IFS=,; echo "${gpu_env[*]}")
-timeout "$(allow 75 40)" "$py" -m bench compare --model r50 --images "$images" \
-  --variant "nvjpeg:$variant,DECODE_ON_GPU=on" --variant "cpu-pool:$variant,DECODE_ON_GPU=off" \
-  --concurrency 256 --rounds 1 --duration 4 --warmup 3 --loadgen-procs 4 \
-  > "$logs/compare.log" 2>&1
-echo "gpu_check: compare exited $?"
-tail -12 "$logs/compare.log"
 
 step "where the time goes"
 env "${gpu_env[@]}" timeout "$(allow 50 3)" "$py" -m bench.gpu_probe "$archive" "$images" \
