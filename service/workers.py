@@ -107,12 +107,15 @@ def hold_port(port: int) -> socket.socket | None:
         raise PortHeld(
             f"another service launch with WORKERS > 1 holds port {port}{_holder(name)}"
         ) from None
-    lock.listen(1)  # never accepted: a connection only reads its owner's pid (SO_PEERCRED)
+    # never accepted: a refused launch connects only to read the owner's pid (SO_PEERCRED);
+    # its connection stays queued, so the backlog bounds how many get the pid (see _holder)
+    lock.listen(64)
     return lock
 
 
 def _holder(name: str) -> str:
     with socket.socket(socket.AF_UNIX) as probe:
+        probe.settimeout(1.0)  # a full backlog fails at once (EAGAIN) instead of blocking
         try:
             probe.connect(name)
             cred = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

@@ -24,7 +24,7 @@ from service.settings import Settings
 from service.workers import Peers, SiblingFailed
 from trainer.archive import read_archive, write_archive
 
-from .conftest import ADMIN_KEY, digit_png
+from .conftest import ADMIN_KEY, digit_png, free_port
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 PNG = {"content": digit_png(4), "headers": {"content-type": "image/png"}}
@@ -116,6 +116,30 @@ def test_a_second_launch_on_the_port_is_refused(two_processes):
     )
     with httpx.Client(base_url=two_processes.url, timeout=60) as client:
         assert client.post("/predict", **PNG).status_code == 200
+
+
+def test_the_port_lock_names_its_holder_and_never_blocks():
+    """Each refused launch leaves a queued connection on the lock; past the backlog the next
+    ones are still refused at once, without the pid, instead of waiting on a full queue."""
+    from service.workers import PortHeld, hold_port
+
+    port = free_port()
+    lock = hold_port(port)
+    assert lock is not None
+    refusals = []
+    started = time.monotonic()
+    for _ in range(100):
+        with pytest.raises(PortHeld) as refused:
+            hold_port(port)
+        refusals.append(str(refused.value))
+    assert time.monotonic() - started < 10
+    held = f"another service launch with WORKERS > 1 holds port {port}"
+    assert refusals[0] == f"{held} (pid {os.getpid()})"
+    assert refusals[-1] == held
+    lock.close()  # the process that held it is gone: the port is free for the next launch
+    again = hold_port(port)
+    assert again is not None
+    again.close()
 
 
 def test_every_process_answers_on_the_one_port(two_processes):
