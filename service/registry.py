@@ -262,9 +262,12 @@ class Registry:
             return f"cannot list MODEL_STORE {self.store}: {exc}"
         if not on_disk:
             return f"no model archives (*.mar) in MODEL_STORE ({self.store})"
+        there = f"the {len(on_disk)} archive(s) in MODEL_STORE ({self.store})"
+        if self.settings.admin_api_key is None:  # no management: nothing was unloaded
+            return f"no model is registered: {there} are not in MODELS"
         return (
-            f"no model is registered: the {len(on_disk)} archive(s) in MODEL_STORE "
-            f"({self.store}) were unloaded or are not in MODELS; register one with POST /models"
+            f"no model is registered: {there} were unloaded or are not in MODELS; "
+            "register one with POST /models"
         )
 
     def models_payload(self) -> dict[str, Any]:

@@ -101,6 +101,25 @@ def test_empty_store_stays_up_and_serves_once_an_archive_is_registered(
         assert c.post("/predict", **PNG).status_code == 503
 
 
+def test_archives_left_out_by_models_are_named_without_management(tmp_path: Path):
+    """Without ADMIN_API_KEY nothing can be registered or unloaded: the only way to have
+    archives and no model is MODELS, and the detail points there, not to POST /models."""
+    from service.metrics import Metrics
+    from service.registry import Registry
+    from service.settings import Settings
+
+    (tmp_path / "digits-v1.mar").write_bytes(b"not read: MODELS leaves it out")
+    settings = Settings(model_store=tmp_path, models=["other-v1.mar"], admin_api_key=None)
+    registry = Registry(settings, Metrics())
+    assert registry.scan() == []
+    ready, why = registry.readiness()
+    assert not ready
+    assert (
+        why
+        == f"no model is registered: the 1 archive(s) in MODEL_STORE ({tmp_path}) are not in MODELS"
+    )
+
+
 def test_missing_store_directory_is_reported(start_service, tmp_path: Path):
     server = start_service(store=tmp_path / "does-not-exist", wait="/healthz")
     with server.client() as c:

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from service.settings import Settings
-from service.workers import Peers, SiblingFailed
+from service.workers import Peers, PortHeld, SiblingFailed, hold_port
 from trainer.archive import read_archive, write_archive
 
 from .conftest import ADMIN_KEY, digit_png, free_port
@@ -121,8 +121,6 @@ def test_a_second_launch_on_the_port_is_refused(two_processes):
 def test_the_port_lock_names_its_holder_and_never_blocks():
     """Each refused launch leaves a queued connection on the lock; past the backlog the next
     ones are still refused at once, without the pid, instead of waiting on a full queue."""
-    from service.workers import PortHeld, hold_port
-
     port = free_port()
     lock = hold_port(port)
     assert lock is not None
