@@ -140,19 +140,10 @@ def profile(
             runner.measure(endpoint, Timing(warmup_s=2.0, duration_s=2.0), mode="closed",
                            concurrency=concurrency)  # fmt: skip
             raw = out_dir / f"{model}-{target}-c{concurrency}-{stamp}.txt"
-            argv = [
-                spy,
-                "record",
-                "--pid",
-                str(endpoint.pids[0]),
-                "--rate",
-                str(rate),
-                "--duration",
-                str(int(duration_s)),
-                "--threads",
-                "--nonblocking",
-                "--subprocesses",
-            ]  # fmt: skip (the service's processes with WORKERS > 1)
+            # --subprocesses: with WORKERS > 1 the service's processes are children of this pid
+            argv = [spy, "record", "--pid", str(endpoint.pids[0]), "--rate", str(rate),
+                    "--duration", str(int(duration_s)), "--threads", "--nonblocking",
+                    "--subprocesses"]  # fmt: skip
             outputs = [("raw", raw)] + ([("flamegraph", raw.with_suffix(".svg"))] if svg else [])
             spies = []
             for fmt, path in outputs:  # --nonblocking: several samplers can read one process

@@ -298,9 +298,9 @@ class Runner:
             **spec,
         }
         path = self._write_spec(f"limit-{key}", spec)
-        env = targets.base_env(cfg.service_settings())
-        for name in [k for k in env if k.upper() == "WORKERS"]:
-            del env[name]  # one process on the whole machine, whatever WORKERS the service has
+        # one process on the whole machine, whatever WORKERS the service has
+        env = {k: v for k, v in targets.base_env(cfg.service_settings()).items()
+               if k.upper() != "WORKERS"}  # fmt: skip
         configs = len(spec["batch_sizes"]) * 3 + 1  # 1 and N forward threads (pool, own), single
         budget = 120 + configs * (spec["warmup_s"] + spec["repeats"] * spec["duration_s"]) * 3
         return json.loads(
