@@ -35,6 +35,20 @@ class Timing:
 
 MAX_WARMUP_S = 20.0  # no point warms up longer
 
+# An open-loop window's p99 is one of its slowest few answers: 12 s of ResNet-50 at 90% of
+# 15.9 req/s held about 170, so its p99 was the second slowest, and one slow second of the
+# host decided T8 (windows 6.46 / 7.44 / 3.34 on 2026-12-05). An open-loop window lasts long
+# enough to hold this many answers at its rate (p99: about the fourth slowest), within a bound.
+MIN_OPEN_LOOP_ANSWERS = 400
+MAX_OPEN_LOOP_WINDOW_S = 40.0
+
+
+def open_window(timing: Timing, rate: float) -> Timing:
+    """``timing`` with a window of at least ``MIN_OPEN_LOOP_ANSWERS`` at ``rate`` req/s."""
+    wanted = MIN_OPEN_LOOP_ANSWERS / rate if rate > 0 else timing.duration_s
+    duration_s = max(timing.duration_s, min(MAX_OPEN_LOOP_WINDOW_S, wanted))
+    return Timing(warmup_s=timing.warmup_s, duration_s=duration_s)
+
 
 def settled(timing: Timing, windows: float) -> Timing:
     """``timing`` with a warm-up of at least ``windows`` of its windows: for a fresh process.

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import archives, images, targets
-from .config import CACHE, Timing
+from .config import CACHE, Timing, open_window
 from .runner import Runner
 
 # pipeline stages, matched innermost-first against "function (file...)" frames
@@ -250,8 +250,9 @@ def compare(
                                    f"{point['median']['img_s']:.1f} img/s p50 "
                                    f"{(point['median']['p50_s'] or 0) * 1000:.1f} ms")  # fmt: skip
                     if open_fraction and capacity:
-                        point = runner.measure(ep, timing, mode="open",
-                                               rate=capacity * open_fraction, max_connections=256)  # fmt: skip
+                        rate = capacity * open_fraction
+                        point = runner.measure(ep, open_window(timing, rate), mode="open",
+                                               rate=rate, max_connections=256)  # fmt: skip
                         results[name][f"open {open_fraction:.0%}"].append(point["median"])
                 runner.tracker.kill_all()
     finally:

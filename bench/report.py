@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .config import MAX_OPEN_LOOP_WINDOW_S, MIN_OPEN_LOOP_ANSWERS
 from .limit import parse_config_key
 
 PACKAGES = (
@@ -594,6 +595,9 @@ def _row(target: str, point: dict[str, Any], duration: float) -> str:
         load = f"C={point['concurrency']}"
     else:
         load = f"open {point.get('fraction', 0) * 100:.0f}% ({point['rate']:.1f}/s)"
+        window_s = point.get("duration_s") or duration
+        if abs(window_s - duration) > 0.05:  # lengthened to hold enough answers for a p99
+            load = f"{load[:-1]}, {window_s:.0f} s windows)"
     errors = f"{m['error_count']:.0f}" if m["error_count"] else "0"
     if m.get("errors"):
         errors += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(m["errors"].items())) + ")"
@@ -741,7 +745,9 @@ def model_table(key: str, data: dict[str, Any], gpu: bool) -> list[str]:
         sep += "---:|"
     lines += [
         f"Medians of the windows ({duration:g} s each after a {timing.get('warmup_s', 0):g} s "
-        "warm-up); CPU seconds are per window.",
+        "warm-up; an open-loop window lasts long enough for "
+        f"{MIN_OPEN_LOOP_ANSWERS} answers, at most {MAX_OPEN_LOOP_WINDOW_S:g} s); CPU seconds "
+        "are per window.",
         "",
         head,
         sep,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import archives, images, report, targets
-from .config import MAX_WARMUP_S, PEER_MODEL, BenchConfig, Timing
+from .config import MAX_WARMUP_S, PEER_MODEL, BenchConfig, Timing, open_window
 from .gpu import GpuSampler
 from .limit import parse_config_key
 from .report import describe_batch, fmt, overload_reason, ratio
@@ -500,8 +500,9 @@ class Runner:
                 result["capacity_req_s"] = capacity
                 result["capacity_probes"] = probes
                 for fraction in self.cfg.open_loop:
+                    rate = capacity * fraction
                     point = self.measure(
-                        endpoint, timing, mode="open", rate=capacity * fraction,
+                        endpoint, open_window(timing, rate), mode="open", rate=rate,
                         max_connections=max(64, 4 * max(self.cfg.concurrency)),
                     )  # fmt: skip
                     point["fraction"] = fraction

@@ -204,6 +204,24 @@ def test_fresh_processes_in_paired_rounds_warm_up_for_whole_windows() -> None:
         config.BenchConfig(paired_settle_windows=-1)
 
 
+def test_an_open_loop_window_holds_enough_answers_for_its_p99() -> None:
+    from bench.config import open_window
+    from bench.report import _row
+
+    base = Timing(warmup_s=4.0, duration_s=12.0)
+    assert open_window(base, 500.0) == base  # 6,000 answers already
+    assert open_window(base, 14.3).duration_s == pytest.approx(400 / 14.3)  # ResNet-50 at 90%
+    assert open_window(base, 14.3).warmup_s == 4.0
+    assert open_window(base, 2.0).duration_s == 40.0  # bounded
+    assert open_window(base, 0.0) == base
+    median = dict.fromkeys(("req_s", "img_s", "p50_s", "p95_s", "p99_s", "max_s"), 0.01)
+    median |= {"error_count": 0, "mean_batch": 4.0, "server_cpu_s": 1.0,
+               "server_cpu_ms_per_req": 2.0, "loadgen_cpu_s": 0.1}  # fmt: skip
+    point = {"mode": "open", "fraction": 0.9, "rate": 14.3, "duration_s": 28.0, "median": median}
+    assert "| open 90% (14.3/s, 28 s windows) |" in _row("service", point, 12.0)
+    assert "| open 90% (14.3/s) |" in _row("service", {**point, "duration_s": 12.0}, 12.0)
+
+
 def test_the_limit_rate_is_measured_between_batch_completions() -> None:
     from bench.limit import _completion_rate
 
@@ -752,6 +770,8 @@ def test_short_run_against_the_real_service(bench_cache: Path, tmp_path: Path) -
     assert service["capacity_probes"]  # the open-loop rate is a fraction of a probed capacity
     assert 0 < service["capacity_req_s"] <= service["closed_capacity_req_s"]
     assert service["points"][-1]["rate"] == pytest.approx(0.9 * service["capacity_req_s"])
+    opened = service["points"][-1]  # its window holds 400 answers (or lasts the 40 s bound)
+    assert opened["duration_s"] >= min(40.0, 400 / opened["rate"]) - 1e-9
     naive = r20["targets"]["naive"]["points"]
     assert all(p["median"]["req_s"] > 0 and p["median"]["error_count"] == 0 for p in naive)
     ids = {(e["id"], e["model"]) for e in result["ratios"] if e["pass"] is not None}
