@@ -5,7 +5,8 @@ uvicorn uses uvloop and httptools when they are installed; request heads (reques
 headers) are capped at ``MAX_HEAD_BYTES`` (431) and ``REQUEST_TIMEOUT_S`` (408), see
 ``bounded_httptools_protocol``. On SIGTERM/SIGINT uvicorn stops accepting
 connections, lets in-flight requests finish (up to ``GRACEFUL_TIMEOUT_S``), then the app's
-lifespan drains every batch queue and stops the inference workers.
+lifespan drains every batch queue and stops the inference workers; a model store still loading
+stops after the model in hand.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import re
 import sys
 import time
+from types import FrameType
 
 from pydantic import ValidationError
 
@@ -204,10 +206,19 @@ def main() -> int:
 
     from .main import create_app
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # The model store loads in the background (before listening, for one of WORKERS
+            # processes): the model in hand finishes, no further one starts, so a stop during
+            # the load waits for one model, not the whole store.
+            app.state.registry.closing = True
+            super().handle_exit(sig, frame)
+
+    app = create_app(settings, peers=peers)
     has = importlib.util.find_spec
-    server = uvicorn.Server(
+    server = Server(
         uvicorn.Config(
-            create_app(settings, peers=peers),
+            app,
             host=settings.host,
             port=settings.port,
             loop="uvloop" if has("uvloop") else "asyncio",

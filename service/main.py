@@ -72,7 +72,8 @@ def create_app(settings: Settings | None = None, peers: Peers | None = None) -> 
         app.state.loader = loader
         if peers is not None:  # listen once warm: a sibling takes the connections till then
             await loader
-            log.info("service process %d of %d ready to listen", peers.index, peers.count)
+            if not registry.closing:  # else a signal came during the load: uvicorn stops now
+                log.info("service process %d of %d ready to listen", peers.index, peers.count)
         try:
             yield
         finally:

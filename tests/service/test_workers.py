@@ -243,6 +243,40 @@ def test_sigterm_stops_every_process_and_cleans_up(two_processes):
     assert not next(iter(directories)).exists()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_during_the_store_load_stops_after_the_model_in_hand(
+    start_service, served_store: Path, tmp_path: Path, workers: int
+):
+    """A stop must not wait for the whole store (one of large models can outlast a Kubernetes
+    grace period); with ``WORKERS`` each process loads its store before it listens."""
+    store = tmp_path / "many_versions"
+    store.mkdir()
+    archive = read_archive(served_store / "digits-v1.mar")
+    versions = 12
+    for version in range(1, versions + 1):
+        archive.card.version = str(version)
+        write_archive(archive.card, archive.state_dict, store)
+    server = start_service(store=store, env={"WORKERS": str(workers)}, wait=None)
+    deadline = time.monotonic() + 120
+    while True:  # every process runs uvicorn (its signal handlers) and one has loaded a model
+        log = server.log()
+        if log.count("Started server process") == workers and "loaded model 'digits'" in log:
+            break
+        assert server.proc.poll() is None and time.monotonic() < deadline, log[-3000:]
+        time.sleep(0.02)
+    children = serving_children(server.proc.pid)
+    # one process: uvicorn re-raises the SIGTERM it handled once it has shut down (-15)
+    assert server.stop() in (0, -signal.SIGTERM)
+    assert not any(child.is_running() and child.status() != "zombie" for child in children)
+    log = server.log()
+    loaded = log.count("loaded model 'digits'")
+    skipped = log.count("the service shut down before this archive was loaded")
+    # each process finishes the model it is loading, then skips the rest (one may be a model
+    # or two ahead of the other); before, each of WORKERS loaded all twelve before it stopped
+    assert 1 <= loaded <= 3 * workers and loaded + skipped == workers * versions, log[-3000:]
+    assert "ready to listen" not in log
+
+
 def test_a_process_that_dies_stops_the_service(two_processes):
     children = serving_children(two_processes.proc.pid)
     children[0].send_signal(signal.SIGKILL)
