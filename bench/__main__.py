@@ -23,7 +23,15 @@ from typing import Any
 
 from . import config as configs
 from .archives import MODELS
-from .config import HTTP_TARGETS, PEER_MODEL, TARGETS, BenchConfig, Timing
+from .config import (
+    HTTP_TARGETS,
+    MAX_OPEN_LOOP_WINDOW_S,
+    MIN_OPEN_LOOP_ANSWERS,
+    PEER_MODEL,
+    TARGETS,
+    BenchConfig,
+    Timing,
+)
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -226,6 +234,9 @@ def dry_run(cfg: BenchConfig) -> None:
                     probes = "/".join(f"{f:.0%}" for f in cfg.capacity_probes)
                     loads.append(f"open-loop capacity (first sustained of {probes} of the best)")
                 loads += [f"open {f:.0%} of capacity" for f in cfg.open_loop]
+                if cfg.open_loop:
+                    loads[-1] += (f" (open-loop windows of {MIN_OPEN_LOOP_ANSWERS} answers or "
+                                  f"more, at most {MAX_OPEN_LOOP_WINDOW_S:g} s)")  # fmt: skip
             print(f"    {target}: {', '.join(loads)}")
             if target == last_peer(cfg, model):
                 print(f"    paired peer (T2/T3): {cfg.paired_rounds} rounds of a fresh service "

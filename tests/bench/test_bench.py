@@ -646,6 +646,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing() -> None:
     assert done.returncode == 0, done.stderr
     assert "r50" in done.stdout
     assert "'DEVICE': 'cuda'" in done.stdout
+    assert "open-loop windows of 400 answers or more, at most 40 s" in done.stdout
 
 
 @pytest.mark.parametrize("command", ["run", "compare"])
