@@ -594,10 +594,10 @@ def _row(target: str, point: dict[str, Any], duration: float) -> str:
     if point["mode"] == "closed":
         load = f"C={point['concurrency']}"
     else:
-        load = f"open {point.get('fraction', 0) * 100:.0f}% ({point['rate']:.1f}/s)"
         window_s = point.get("duration_s") or duration
-        if abs(window_s - duration) > 0.05:  # lengthened to hold enough answers for a p99
-            load = f"{load[:-1]}, {window_s:.0f} s windows)"
+        # a window lengthened to hold enough answers for a p99 (``config.open_window``)
+        longer = f", {window_s:.0f} s windows" if abs(window_s - duration) > 0.05 else ""
+        load = f"open {point.get('fraction', 0) * 100:.0f}% ({point['rate']:.1f}/s{longer})"
     errors = f"{m['error_count']:.0f}" if m["error_count"] else "0"
     if m.get("errors"):
         errors += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(m["errors"].items())) + ")"

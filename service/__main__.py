@@ -206,6 +206,8 @@ def main() -> int:
 
     from .main import create_app
 
+    app = create_app(settings, peers=peers)
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             # The model store loads in the background (before listening, for one of WORKERS
@@ -214,7 +216,6 @@ def main() -> int:
             app.state.registry.closing = True
             super().handle_exit(sig, frame)
 
-    app = create_app(settings, peers=peers)
     has = importlib.util.find_spec
     server = Server(
         uvicorn.Config(
