@@ -7,8 +7,10 @@ With ``WORKERS`` > 1 (``service.workers``) prometheus-client runs in its multipr
 value lives in a file under ``PROMETHEUS_MULTIPROC_DIR`` (chosen when the library is imported)
 and ``/metrics`` from any process reads them all: counters and histograms summed, gauges as
 their ``multiprocess_mode`` says. The process, platform and GC collectors describe one process
-and are left out then, a series cannot be removed (an unloaded version's gauges go to 0), and
-the GPU memory gauges hold each process's figure as of its last ``/metrics`` answer.
+and are left out then, and the GPU memory gauges hold each process's figure as of its last
+``/metrics`` answer. A series cannot be removed from the files, so ``/metrics`` leaves out an
+unloaded version's series, as one process does after removing them (registered again, its
+counters go on from where they were).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -26,6 +29,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -49,6 +53,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.multiprocess = bool(os.environ.get(MULTIPROCESS_DIR_ENV))
+        self.unloaded: set[tuple[str, str]] = set()  # multiprocess: (model, version) left out
         self.registry = registry = CollectorRegistry(auto_describe=True)
         if not self.multiprocess:
             ProcessCollector(registry=registry)
@@ -121,7 +126,8 @@ class Metrics:
 
     def forget_model(self, model: str, version: str) -> None:
         """Drop the per-version series of an unloaded model version."""
-        if self.multiprocess:  # series live on in the files: zero the gauges instead
+        if self.multiprocess:  # series live on in the files: zero the gauges, leave them out
+            self.unloaded.add((model, version))
             for gauge in (self.queue_depth, self.model_load, self.model_info):
                 for labels in _series_of(gauge, model, version):
                     gauge.labels(*labels).set(0)
@@ -136,11 +142,15 @@ class Metrics:
             for labels in _series_of(metric, model, version):
                 metric.remove(*labels)
 
+    def model_loaded(self, model: str, version: str) -> None:
+        """A version (again) in service: its series are shown."""
+        self.unloaded.discard((model, version))
+
     def render(self) -> bytes:
         self._sample_gpu()
         if self.multiprocess:
             every_process = CollectorRegistry()
-            MultiProcessCollector(every_process)
+            every_process.register(_Without(MultiProcessCollector(None), self.unloaded))
             return generate_latest(every_process)
         return generate_latest(self.registry)
 
@@ -159,6 +169,23 @@ def _series_of(metric: Gauge | Counter, model: str, version: str) -> list[tuple[
     """The label values of ``metric``'s series for one model version."""
     children = list(metric._metrics)  # noqa: SLF001 (no public way to list children)
     return [labels for labels in children if labels[:2] == (model, version)]
+
+
+class _Without:
+    """A collector's metrics without the series of the given (model, version) pairs."""
+
+    def __init__(self, source: MultiProcessCollector, versions: set[tuple[str, str]]) -> None:
+        self.source = source
+        self.versions = versions
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.source.collect():
+            if self.versions:
+                metric.samples = [
+                    sample for sample in metric.samples
+                    if (sample.labels.get("model"), sample.labels.get("version")) not in self.versions
+                ]  # fmt: skip
+            yield metric
 
 
 class MetricsMiddleware:

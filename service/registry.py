@@ -432,6 +432,7 @@ class Registry:
             hook(entry)
         with self._lock:
             entry.status, entry.error = READY, None
+        self.metrics.model_loaded(*mv)
         self.metrics.model_load.labels(*mv).set(elapsed)
         info = (*mv, card.arch, str(runner.device), card.weights_sha256)
         self.metrics.model_info.labels(*info).set(1)

@@ -186,12 +186,21 @@ def test_management_calls_are_applied_in_every_process(two_processes):
         assert [v["version"] for v in answer.json()["versions"]] == ["2"]
     for answer in fresh(two_processes, "POST", "/predict?model=digits&version=1", **PNG):
         assert answer.status_code == 404
+    # its series (counted by both processes) are left out, as one process removes them
+    for answer in fresh(two_processes, "GET", "/metrics"):
+        assert 'model="digits",version="1"' not in answer.text
+        assert 'imgserve_images_total{model="digits",version="2"}' in answer.text
 
     # refused where it is received: no process changes, the client gets the usual answer
     with httpx.Client(base_url=url, timeout=60) as client:
         again = client.delete("/models/digits/1", headers=ADMIN)
         assert again.status_code == 404 and isinstance(again.json()["detail"], str)
         assert client.post("/models", json={"file": "digits-v2.mar"}).status_code == 401
+        # registered again, it is shown again
+        back = client.post("/models", json={"file": "digits-v1.mar"}, headers=ADMIN)
+        assert back.status_code == 201, back.text
+    for answer in fresh(two_processes, "GET", "/metrics"):
+        assert 'imgserve_model_load_seconds{model="digits",version="1"}' in answer.text
 
 
 def test_a_call_passed_on_accepts_the_state_it_asks_for(two_processes):
