@@ -26,7 +26,8 @@ logs=$(mktemp -d)
 step() { echo "gpu_check: $* (${SECONDS}s of ${budget}s)"; }
 # seconds a step may take: its cap, or what the budget has left after a reserve for the rest
 allow() { local left=$((budget - SECONDS - $2)); echo $((left < $1 ? (left > 5 ? left : 5) : $1)); }
-gpu_env=(DEVICE=cuda PRECISION=bf16 MAX_BATCH_SIZE=128 MAX_QUEUE=4096 PREPROCESS_THREADS="$cores")
+gpu_settings=(DEVICE=cuda PRECISION=bf16 MAX_BATCH_SIZE=128 MAX_QUEUE=4096)
+gpu_env=("${gpu_settings[@]}" PREPROCESS_THREADS="$cores")
 
 step environment
 {
@@ -51,7 +52,7 @@ echo "gpu_check: archive ${archive:-not built (see archive.log)}"
 
 step "one process against several, and two forward threads, C=256"
 # no PREPROCESS_THREADS here: each process's threads default to its share of the cores
-shared="DEVICE=cuda,PRECISION=bf16,MAX_BATCH_SIZE=128,MAX_QUEUE=4096"
+shared=$(IFS=,; echo "${gpu_settings[*]}")
 timeout "$(allow 150 250)" "$py" -m bench compare --model r50 --images "$images" \
   --variant "one:$shared" --variant "two-forwards:$shared,INFERENCE_WORKERS=2" \
   --variant "workers2:$shared,WORKERS=2" --variant "workers4:$shared,WORKERS=4" \

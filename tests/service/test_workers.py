@@ -44,15 +44,20 @@ def serving_children(pid: int) -> list[psutil.Process]:
     return [child for child in psutil.Process(pid).children() if child.is_running()]
 
 
-@pytest.fixture
-def two_version_store(served_store: Path, tmp_path: Path) -> Path:
-    store = tmp_path / "mp_store"
+def digits_versions(served_store: Path, store: Path, versions: int) -> Path:
+    """``store`` holding the digits archive as versions 1 to ``versions``."""
     store.mkdir()
     shutil.copy(served_store / "digits-v1.mar", store)
     archive = read_archive(served_store / "digits-v1.mar")
-    archive.card.version = "2"
-    write_archive(archive.card, archive.state_dict, store)
+    for version in range(2, versions + 1):
+        archive.card.version = str(version)
+        write_archive(archive.card, archive.state_dict, store)
     return store
+
+
+@pytest.fixture
+def two_version_store(served_store: Path, tmp_path: Path) -> Path:
+    return digits_versions(served_store, tmp_path / "mp_store", 2)
 
 
 @pytest.fixture
@@ -258,13 +263,8 @@ def test_sigterm_during_the_store_load_stops_after_the_model_in_hand(
 ):
     """A stop must not wait for the whole store (one of large models can outlast a Kubernetes
     grace period); with ``WORKERS`` each process loads its store before it listens."""
-    store = tmp_path / "many_versions"
-    store.mkdir()
-    archive = read_archive(served_store / "digits-v1.mar")
     versions = 12
-    for version in range(1, versions + 1):
-        archive.card.version = str(version)
-        write_archive(archive.card, archive.state_dict, store)
+    store = digits_versions(served_store, tmp_path / "many_versions", versions)
     server = start_service(store=store, env={"WORKERS": str(workers)}, wait=None)
     deadline = time.monotonic() + 120
     while True:  # every process runs uvicorn (its signal handlers) and one has loaded a model
