@@ -164,8 +164,12 @@ def _fields(cfg: BenchConfig) -> dict[str, Any]:
     return {name: getattr(cfg, name) for name in cfg.__dataclass_fields__}
 
 
-def estimate_s(cfg: BenchConfig) -> float:
-    """A rough wall-clock estimate (2-core machine): start-ups + warm-ups + windows."""
+def estimate_s(cfg: BenchConfig, open_window_s: float | None = None) -> float:
+    """A rough wall-clock estimate (2-core machine): start-ups + warm-ups + windows.
+
+    An open-loop window lasts ``open_window_s`` (its length depends on the rate, which is
+    measured during the run: ``open_window``); None: the model's own window, the shortest.
+    """
     startup = {"service": 15, "service-mbs1": 15, "naive": 8, "torchserve-1w": 20,
                "torchserve-1w-omp1": 20, "torchserve-2w": 30, "http-floor": 4}  # fmt: skip
     total = 0.0
@@ -191,11 +195,22 @@ def estimate_s(cfg: BenchConfig) -> float:
                 total += cfg.paired_rounds * (startup["service"] + startup[target] + 2 * window)
             points = len(cfg.concurrency)
             if target in cfg.open_loop_targets:
-                points += len(cfg.open_loop)
+                open_s = max(timing.duration_s, open_window_s or 0.0)
+                total += len(cfg.open_loop) * (timing.warmup_s + cfg.repeats * open_s + 1.5)
                 # the capacity probes: one window each, usually one or two of them
                 total += min(2, len(cfg.capacity_probes)) * (timing.warmup_s + timing.duration_s)
             total += startup[target] + points * point
     return total
+
+
+def estimate_text(cfg: BenchConfig) -> str:
+    """The plan's length, as a range where open-loop windows may outlast the models' windows."""
+    shortest = estimate_s(cfg) / 60
+    longest = estimate_s(cfg, MAX_OPEN_LOOP_WINDOW_S) / 60
+    if round(longest) <= round(shortest):
+        return f"about {shortest:.0f} min"
+    return (f"about {shortest:.0f}-{longest:.0f} min (open-loop windows of {MIN_OPEN_LOOP_ANSWERS} "
+            f"answers at the measured rates, {MAX_OPEN_LOOP_WINDOW_S:g} s at most)")  # fmt: skip
 
 
 def last_peer(cfg: BenchConfig, model: str) -> str | None:
@@ -210,7 +225,7 @@ def last_peer(cfg: BenchConfig, model: str) -> str | None:
 def dry_run(cfg: BenchConfig) -> None:
     from .report import service_defaults
 
-    print(f"plan ({cfg.label}): about {estimate_s(cfg) / 60:.0f} min (start-ups as on 2 CPU cores)")
+    print(f"plan ({cfg.label}): {estimate_text(cfg)}; start-ups as on 2 CPU cores")
     print(f"service settings: {service_defaults(cfg.service_settings())}")
     for model in cfg.models:
         timing = cfg.timing_for(model)
@@ -272,7 +287,7 @@ def run(cfg: BenchConfig, *, append: bool) -> int:
                   "--dry-run shows the plan", file=sys.stderr)  # fmt: skip
             return 2
     started, load0 = time.time(), os.getloadavg()
-    print(f"bench: {cfg.label} run, about {estimate_s(cfg) / 60:.0f} min; load average {load0[0]:.2f}",
+    print(f"bench: {cfg.label} run, {estimate_text(cfg)}; load average {load0[0]:.2f}",
           file=sys.stderr)  # fmt: skip
     runner = Runner(cfg)
     measured = runner.run()

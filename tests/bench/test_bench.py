@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import pytest
 from python_multipart.multipart import MultipartParser
 
 from bench import archives, config, images, report
-from bench.config import Timing
+from bench.config import MAX_OPEN_LOOP_WINDOW_S, BenchConfig, Timing
 from bench.experiment import parse_raw, stage_of, summarize_profile
 from bench.loadgen import (
     Window,
@@ -647,6 +648,24 @@ def test_dry_run_prints_the_plan_and_starts_nothing() -> None:
     assert "r50" in done.stdout
     assert "'DEVICE': 'cuda'" in done.stdout
     assert "open-loop windows of 400 answers or more, at most 40 s" in done.stdout
+    # the open-loop windows' length is known only once the rates are: the plan gives a range
+    plan = re.search(r"about (\d+)-(\d+) min \(open-loop windows of 400 answers", done.stdout)
+    assert plan is not None, done.stdout
+    assert int(plan[1]) < int(plan[2])
+
+
+def test_the_estimate_covers_the_longest_open_loop_windows() -> None:
+    from bench.__main__ import estimate_s
+
+    cfg = BenchConfig(models=("r20",))
+    shortest, longest = estimate_s(cfg), estimate_s(cfg, MAX_OPEN_LOOP_WINDOW_S)
+    timing = cfg.timing_for("r20")
+    points = len(cfg.open_loop) * cfg.repeats
+    assert longest - shortest == pytest.approx(
+        points * (MAX_OPEN_LOOP_WINDOW_S - timing.duration_s)
+    )
+    closed_only = BenchConfig(models=("r20",), open_loop_targets=())
+    assert estimate_s(closed_only, MAX_OPEN_LOOP_WINDOW_S) == estimate_s(closed_only)
 
 
 @pytest.mark.parametrize("command", ["run", "compare"])
