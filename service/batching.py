@@ -25,7 +25,9 @@ time still split cohorts whose decoding took longer than that: ResNet-18 C=32 me
 Lone images (``lone_threads``, ``LONE_IMAGE_THREADS``): a forward of one image while nothing
 else is queued, decoding or computing runs with every core's torch thread, since the other
 cores would idle (ResNet-50 C=1 p50 142 -> 105 ms on 2 cores). If another image arrives during
-such a forward, none goes wide for ``WIDE_PAUSE_S``: under load the threads would fight.
+such a forward, none goes wide for ``WIDE_PAUSE_S``: under load the threads would fight. With
+``WORKERS``, ``siblings`` (``workers.ForwardBoard``) extends "nothing else" to the other
+processes: none of them may be computing, and one that starts during a wide forward pauses them too.
 
 Guarantees:
 - admission is all-or-nothing per request; a full queue answers ``QueueFull`` (503) at once;
@@ -50,13 +52,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .deadline import before
 from .errors import InferenceFailed, ModelDraining, QueueFull, RequestTimeout, ServiceError
+
+if TYPE_CHECKING:
+    from .workers import ForwardBoard
 
 log = logging.getLogger("service.batching")
 
@@ -207,6 +212,7 @@ class Batcher:
         threads: int | None = None,
         lone_threads: int = 1,
         lone_example: torch.Tensor | None = None,
+        siblings: ForwardBoard | None = None,
     ) -> None:
         if min(max_batch_size, max_queue, workers, helper_backlog, lone_threads) < 1:
             raise ValueError(
@@ -249,6 +255,7 @@ class Batcher:
         self._arrivals = 0  # images submitted or announced so far (a wide forward's check)
         self._wide_after = 0.0  # time.monotonic() before which no forward goes wide
         self._lone_example = lone_example
+        self._siblings = siblings  # the other service processes' forwards (WORKERS), or None
         self._warmed = threading.Barrier(workers + 1)
         self._threads = [
             threading.Thread(
@@ -511,9 +518,13 @@ class Batcher:
             return
         wide = self.lone_threads > 1 and len(live) == 1 and self._alone()
         arrivals = self._arrivals
+        sibling_starts = self._siblings.others_started() if wide and self._siblings else 0
         start = time.perf_counter()
         try:
-            with intra_op_threads(self.lone_threads) if wide else contextlib.nullcontext():
+            with (
+                intra_op_threads(self.lone_threads) if wide else contextlib.nullcontext(),
+                self._siblings.computing() if self._siblings else contextlib.nullcontext(),
+            ):
                 if prepared is None:
                     prepared = self.stack_fn([item.input for item in live])
                 probs = self._forward(prepared)
@@ -534,17 +545,22 @@ class Batcher:
         self._m_batch.observe(len(live))
         if not wide:  # the fill and Retry-After reckon with forwards sharing the cores
             self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / len(live)
-        elif self._arrivals != arrivals:
-            # an image came while this one had every core: its decode and forward fought the
-            # wide forward's threads (ResNet-50 C=8 without this pause: 16.6 -> 13.9 img/s)
+        elif self._arrivals != arrivals or (
+            self._siblings is not None and self._siblings.others_started() != sibling_starts
+        ):
+            # an image came (here or in a sibling process) while this one had every core: its
+            # decode and forward fought the wide forward's threads (ResNet-50 C=8 without this
+            # pause: 16.6 -> 13.9 img/s)
             self._wide_after = time.monotonic() + WIDE_PAUSE_S
         self._deliver([(item, result, False) for item, result in zip(live, results, strict=True)])
 
     def _alone(self) -> bool:
-        """This worker's batch is the only work (nothing queued, decoding or computing), and
-        no recent wide forward met other images."""
+        """This worker's batch is the only work (nothing queued, decoding or computing, and no
+        sibling process computing), and no recent wide forward met other images."""
         with self._lock:
             quiet = self._busy <= 1 and self._pending == 0 and self._incoming == 0
+        if self._siblings is not None and not self._siblings.others_idle():
+            return False
         return quiet and time.monotonic() >= self._wide_after
 
     def _prepare(self, items: list[WorkItem]) -> tuple[list[WorkItem], torch.Tensor | None]:

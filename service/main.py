@@ -48,7 +48,10 @@ def create_app(settings: Settings | None = None, peers: Peers | None = None) -> 
     """The app; ``peers``: this process's role when it is one of ``WORKERS`` processes."""
     settings = settings or get_settings()
     metrics = Metrics()
-    registry = Registry(settings, metrics)
+    # mapped for the process's life: a forward thread that outlives a timed-out drain still
+    # writes to it
+    siblings = peers.forward_board() if peers is not None else None
+    registry = Registry(settings, metrics, siblings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -48,7 +48,10 @@ from .inference import (
     use_torchscript,
 )
 from .metrics import Metrics
-from .settings import Settings
+from .settings import Settings, available_cpus
+
+if TYPE_CHECKING:
+    from .workers import ForwardBoard
 
 log = logging.getLogger("service.registry")
 
@@ -146,9 +149,12 @@ def _version_key(entry: ModelEntry) -> tuple[int, str]:
 class Registry:
     """All model versions of the service, keyed by archive file name."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, siblings: ForwardBoard | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.siblings = siblings  # with WORKERS: which sibling processes compute
         self.store = Path(settings.model_store)
         self.device = settings.torch_device
         self._entries: dict[str, ModelEntry] = {}
@@ -395,8 +401,10 @@ class Registry:
             mv = (card.name, str(card.version))
             lone = settings.threads  # on a GPU the forward's CPU side needs no more
             if runner.device.type == "cpu":
+                # every usable core, also with WORKERS: a lone image goes wide only while
+                # the sibling processes compute nothing (Batcher._alone)
                 lone = lone_image_threads(
-                    settings.lone_image_threads, max(settings.threads, settings.process_cpus),
+                    settings.lone_image_threads, max(settings.threads, available_cpus()),
                     settings.threads, card.input_size,
                 )  # fmt: skip
             batcher = Batcher(
@@ -407,6 +415,7 @@ class Registry:
                 metrics=self.metrics, metric_labels=mv, workers=settings.forward_workers,
                 helper_backlog=settings.helper_backlog, threads=settings.threads,
                 lone_threads=lone, lone_example=torch.zeros(runner.input_shape),
+                siblings=self.siblings,
             )  # fmt: skip
             batcher.start()
             decodes_on_forward_thread = decode_on_forward_thread(

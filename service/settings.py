@@ -89,8 +89,9 @@ class Settings(BaseSettings):
     lone_image_threads: int | None = Field(
         None, ge=1, le=1024,
         description="torch threads (CPU) for a forward of one image while nothing else is "
-        "queued, decoding or computing: the other cores are idle then (default: the process's CPUs "
-        "for inputs over 64x64 pixels, otherwise TORCH_THREADS; 1 turns it off)",
+        "queued, decoding or computing, in this process or (WORKERS) another: the other cores "
+        "are idle then (default: the usable CPUs for inputs over 64x64 pixels, otherwise "
+        "TORCH_THREADS; 1 turns it off)",
     )  # fmt: skip
     malloc: Literal["auto", "tcmalloc", "system"] = Field(
         "auto",

@@ -23,6 +23,8 @@ than one process, with a lower p99 (bench/NOTES.md, 2026-12-04 20:51).
   already there (two clients registering or unloading one version through two processes at
   once) is accepted; a sibling that refuses what the first process accepted is a server fault:
   500 naming the process.
+- ``ForwardBoard``: which processes are computing, on a page they share, so that a lone image
+  of a large-input model may use every core while the siblings are idle (``LONE_IMAGE_THREADS``).
 - Metrics: prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, a fresh directory
   per launch): ``/metrics`` from any process sums every process's counters and histograms.
 """
@@ -36,6 +38,7 @@ import hmac
 import http.client
 import json
 import logging
+import mmap
 import os
 import secrets
 import signal
@@ -44,8 +47,9 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -60,6 +64,7 @@ ENV_INDEX = "IMGSERVE_WORKER_INDEX"
 ENV_DIR = "IMGSERVE_WORKER_DIR"
 ENV_TOKEN = "IMGSERVE_WORKER_TOKEN"
 TOKEN_HEADER = "x-imgserve-worker-token"
+BOARD_FILE = "forwards"
 
 
 class SiblingFailed(ServiceError):
@@ -143,6 +148,7 @@ def _supervise(settings: Settings) -> int:
         metrics_dir.mkdir()
         env = {**os.environ, ENV_DIR: directory, ENV_TOKEN: secrets.token_urlsafe(32),
                MULTIPROCESS_DIR_ENV: str(metrics_dir)}  # fmt: skip
+        ForwardBoard.create(Path(directory, BOARD_FILE), settings.workers)
         for index in range(settings.workers):
             if stopping:
                 break
@@ -186,6 +192,9 @@ class Peers:
         # a sibling may still be loading its store: wait for it as long as a load may take
         return cls(int(env[ENV_INDEX]), settings.workers, Path(env[ENV_DIR]), env[ENV_TOKEN],
                    timeout_s=max(300.0, settings.request_timeout_s))  # fmt: skip
+
+    def forward_board(self) -> ForwardBoard:
+        return ForwardBoard(self.directory / BOARD_FILE, self.index, self.count)
 
     def socket_path(self, index: int) -> Path:
         return self.directory / f"worker-{index}.sock"
@@ -268,6 +277,67 @@ class Peers:
             except (ValueError, AttributeError):
                 detail = data[:200].decode(errors="replace")
             return response.status, detail
+
+
+class ForwardBoard:
+    """Which of one launch's processes are computing: a shared page with a slot per process.
+
+    Why: each process plans its torch threads for its share of the CPUs (one of two cores with
+    ``WORKERS=2``), so a lone image of a large-input model was computed on one core while the
+    other idled: ResNet-18 C=1 p50 55 ms against 31-34 ms with both cores' threads (bench/
+    NOTES.md). A batcher computes a lone image on every core only while no sibling computes
+    (``others_idle``), and pauses doing so after a sibling started meanwhile (``others_started``),
+    as it does for its own arrivals.
+
+    A slot is two counters, forwards running and forwards started (wrapping), written only by
+    its own process under a lock, read by the others without one: a stale read costs one forward
+    sharing its cores, which the pause then stops from recurring.
+    """
+
+    SLOT = struct.Struct("=II")
+
+    def __init__(self, path: Path, index: int, count: int) -> None:
+        if not 0 <= index < count:
+            raise ValueError(f"process index {index} out of range for {count} processes")
+        self.index = index
+        self.count = count
+        with path.open("r+b") as file:
+            self._page = mmap.mmap(file.fileno(), count * self.SLOT.size)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(cls, path: Path, count: int) -> None:
+        """Write the zeroed page that ``count`` processes will map (by the supervisor)."""
+        path.write_bytes(bytes(count * cls.SLOT.size))
+
+    def _slot(self, index: int) -> tuple[int, int]:
+        return self.SLOT.unpack_from(self._page, index * self.SLOT.size)
+
+    def others_idle(self) -> bool:
+        """No other process is running a forward."""
+        return all(self._slot(i)[0] == 0 for i in range(self.count) if i != self.index)
+
+    def others_started(self) -> int:
+        """The forwards the other processes have started so far (a sum that only changes)."""
+        return sum(self._slot(i)[1] for i in range(self.count) if i != self.index)
+
+    @contextlib.contextmanager
+    def computing(self) -> Iterator[None]:
+        """Count this process as computing for the block."""
+        self._add(1, 1)
+        try:
+            yield
+        finally:
+            self._add(-1, 0)
+
+    def _add(self, running: int, started: int) -> None:
+        with self._lock:
+            now_running, now_started = self._slot(self.index)
+            self.SLOT.pack_into(self._page, self.index * self.SLOT.size, now_running + running,
+                                (now_started + started) & 0xFFFFFFFF)  # fmt: skip
+
+    def close(self) -> None:
+        self._page.close()
 
 
 class _UnixConnection(http.client.HTTPConnection):

@@ -809,6 +809,45 @@ def test_a_wide_forward_resumes_after_the_pause(monkeypatch: pytest.MonkeyPatch)
     assert batcher.close(timeout=5)
 
 
+def test_a_lone_image_goes_wide_only_while_the_sibling_processes_compute_nothing(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+):
+    # WORKERS: each process maps the supervisor's page; two mappings of one file stand for two
+    # processes here (a slot is written by its own process only, read by the others)
+    import service.batching as batching
+    from service.workers import ForwardBoard
+
+    monkeypatch.setattr(batching, "WIDE_PAUSE_S", 0.1)
+    page = tmp_path / "forwards"
+    ForwardBoard.create(page, 2)
+    here, sibling = ForwardBoard(page, 0, 2), ForwardBoard(page, 1, 2)
+    forward = ThreadCountingForward(delay=0.2)
+    batcher = make_batcher(forward, threads=1, lone_threads=2, siblings=here)
+    assert here.others_idle() and sibling.others_idle()
+
+    async def main():
+        await batcher.infer([item(1)], far())  # the sibling is idle: every core
+        assert sibling.others_started() == 1 and sibling.others_idle()  # it saw the forward
+        with sibling.computing():
+            assert not here.others_idle()
+            await batcher.infer([item(2)], far())  # the sibling computes: this process's share
+        first = asyncio.ensure_future(batcher.infer([item(3)], far()))  # wide again
+        await asyncio.sleep(0.05)
+        with sibling.computing():  # a sibling starts during the wide forward...
+            await asyncio.sleep(0.01)
+        await first
+        await batcher.infer([item(4)], far())  # ...so the next lone image waits out the pause
+        await asyncio.sleep(0.15)
+        await batcher.infer([item(5)], far())
+
+    asyncio.run(main())
+    assert forward.threads == [(1, 2), (1, 1), (1, 2), (1, 1), (1, 2)]
+    assert batcher.close(timeout=5)
+    assert sibling.others_idle()  # every forward counted itself out again
+    with pytest.raises(ValueError, match="out of range"):
+        ForwardBoard(page, 2, 2)
+
+
 def test_lone_image_threads_go_to_big_inputs_unless_set():
     from service.inference import lone_image_threads
 
