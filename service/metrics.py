@@ -6,9 +6,10 @@ Latencies and sizes are histograms (so p99 aggregates across pods); labels stay 
 With ``WORKERS`` > 1 (``service.workers``) prometheus-client runs in its multiprocess mode: every
 value lives in a file under ``PROMETHEUS_MULTIPROC_DIR`` (chosen when the library is imported)
 and ``/metrics`` from any process reads them all: counters and histograms summed, gauges as
-their ``multiprocess_mode`` says. The process, platform and GC collectors describe one process
-and are left out then, and the GPU memory gauges hold each process's figure as of its last
-``/metrics`` answer. A series cannot be removed from the files, so ``/metrics`` leaves out an
+their ``multiprocess_mode`` says. The process metrics then come from every live service process,
+labelled ``worker`` (its index), read from ``/proc`` by prometheus-client's own collector; the GC
+collector describes only the answering process and is left out; the GPU memory gauges hold
+each process's figure as of its last ``/metrics`` answer. A series cannot be removed from the files, so ``/metrics`` leaves out an
 unloaded version's series, as one process does after removing them (registered again, its
 counters go on from where they were).
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -49,10 +50,15 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "MetricsMiddleware"]
 
 
 class Metrics:
-    """The service's metrics, registered in their own ``CollectorRegistry``."""
+    """The service's metrics, registered in their own ``CollectorRegistry``.
 
-    def __init__(self) -> None:
+    ``process_pids``: with ``WORKERS``, the pid of every service process by index (read at each
+    scrape), whose process metrics ``/metrics`` shows.
+    """
+
+    def __init__(self, process_pids: Callable[[], dict[int, int]] | None = None) -> None:
         self.multiprocess = bool(os.environ.get(MULTIPROCESS_DIR_ENV))
+        self.process_pids = process_pids
         self.unloaded: set[tuple[str, str]] = set()  # multiprocess: (model, version) left out
         self.registry = registry = CollectorRegistry(auto_describe=True)
         if not self.multiprocess:
@@ -151,6 +157,9 @@ class Metrics:
         if self.multiprocess:
             every_process = CollectorRegistry()
             every_process.register(_Without(MultiProcessCollector(None), self.unloaded))
+            if self.process_pids is not None:
+                every_process.register(_ProcessesOf(self.process_pids))
+            PlatformCollector(registry=every_process)  # the interpreter's: the same in each
             return generate_latest(every_process)
         return generate_latest(self.registry)
 
@@ -186,6 +195,26 @@ class _Without:
                     if (sample.labels.get("model"), sample.labels.get("version")) not in self.versions
                 ]  # fmt: skip
             yield metric
+
+
+class _ProcessesOf:
+    """prometheus-client's process metrics of several processes, labelled ``worker``."""
+
+    def __init__(self, pids: Callable[[], dict[int, int]]) -> None:
+        self.pids = pids
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for worker, pid in sorted(self.pids().items()):
+            # a process that is gone yields nothing (the collector skips what it cannot read)
+            for metric in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():
+                family = families.setdefault(
+                    metric.name, Metric(metric.name, metric.documentation, metric.type)
+                )
+                for sample in metric.samples:
+                    family.add_sample(sample.name, {**sample.labels, "worker": str(worker)},
+                                      sample.value, sample.timestamp)  # fmt: skip
+        yield from families.values()
 
 
 class MetricsMiddleware:

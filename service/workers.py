@@ -196,6 +196,21 @@ class Peers:
     def forward_board(self) -> ForwardBoard:
         return ForwardBoard(self.directory / BOARD_FILE, self.index, self.count)
 
+    def record_pid(self) -> None:
+        """Leave this process's pid where its siblings find it (their ``/metrics``)."""
+        self._pid_path(self.index).write_text(str(os.getpid()))
+
+    def pids(self) -> dict[int, int]:
+        """The pid of every process that has recorded one, by index."""
+        found = {}
+        for index in range(self.count):
+            with contextlib.suppress(OSError, ValueError):
+                found[index] = int(self._pid_path(index).read_text())
+        return found
+
+    def _pid_path(self, index: int) -> Path:
+        return self.directory / f"worker-{index}.pid"
+
     def socket_path(self, index: int) -> Path:
         return self.directory / f"worker-{index}.sock"
 

@@ -240,7 +240,29 @@ def test_metrics_count_every_process(two_processes):
     for _ in range(4):  # any process answers /metrics with the sum of all
         assert _images_total(two_processes.metrics()) == before + FRESH
     text = two_processes.metrics()
-    assert "imgserve_batch_size_count" in text and "process_cpu_seconds_total" not in text
+    assert "imgserve_batch_size_count" in text and "python_info{" in text
+    # the process metrics of each process, labelled with its index: prometheus-client's own
+    # collector read for every sibling's pid (one process's would describe a random half)
+    children = serving_children(two_processes.proc.pid)
+    started = sorted(child.create_time() for child in children)
+    assert sorted(_by_worker(text, "process_start_time_seconds")) == ["0", "1"]
+    assert sorted(_by_worker(text, "process_start_time_seconds").values()) == pytest.approx(
+        started, abs=0.05
+    )
+    for name, low in [("process_resident_memory_bytes", 50e6), ("process_cpu_seconds_total", 0.5),
+                      ("process_open_fds", 5)]:  # fmt: skip
+        values = _by_worker(text, name)
+        assert sorted(values) == ["0", "1"] and min(values.values()) > low, (name, values)
+    assert "python_gc_objects_collected_total" not in text  # only the answering process's
+
+
+def _by_worker(text: str, name: str) -> dict[str, float]:
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(name + '{worker="'):
+            labels, value = line.rsplit(" ", 1)
+            values[labels.split('"')[1]] = float(value)
+    return values
 
 
 def _images_total(text: str) -> float:
