@@ -9,9 +9,9 @@ and ``/metrics`` from any process reads them all: counters and histograms summed
 their ``multiprocess_mode`` says. The process metrics then come from every live service process,
 labelled ``worker`` (its index), read from ``/proc`` by prometheus-client's own collector; the GC
 collector describes only the answering process and is left out; the GPU memory gauges hold
-each process's figure as of its last ``/metrics`` answer. A series cannot be removed from the files, so ``/metrics`` leaves out an
-unloaded version's series, as one process does after removing them (registered again, its
-counters go on from where they were).
+each process's figure as of its last ``/metrics`` answer. A series cannot be removed from the
+files, so ``/metrics`` leaves out an unloaded version's series, as one process does after
+removing them (registered again, its counters go on from where they were).
 """
 
 from __future__ import annotations
