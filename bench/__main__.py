@@ -175,7 +175,11 @@ def estimate_s(cfg: BenchConfig, open_window_s: float | None = None) -> float:
     total = 0.0
     for model in cfg.models:
         timing = cfg.timing_for(model)
-        point = timing.warmup_s + cfg.repeats * timing.duration_s + 1.5
+
+        def point_s(window_s: float, timing: Timing = timing) -> float:
+            return timing.warmup_s + cfg.repeats * window_s + 1.5
+
+        point = point_s(timing.duration_s)
         for target in cfg.targets_for(model):
             if target == "limit":
                 batches = len({*cfg.limit_batches, cfg.max_batch_size()}) + 1
@@ -195,8 +199,7 @@ def estimate_s(cfg: BenchConfig, open_window_s: float | None = None) -> float:
                 total += cfg.paired_rounds * (startup["service"] + startup[target] + 2 * window)
             points = len(cfg.concurrency)
             if target in cfg.open_loop_targets:
-                open_s = max(timing.duration_s, open_window_s or 0.0)
-                total += len(cfg.open_loop) * (timing.warmup_s + cfg.repeats * open_s + 1.5)
+                total += len(cfg.open_loop) * point_s(max(timing.duration_s, open_window_s or 0.0))
                 # the capacity probes: one window each, usually one or two of them
                 total += min(2, len(cfg.capacity_probes)) * (timing.warmup_s + timing.duration_s)
             total += startup[target] + points * point

@@ -47,12 +47,13 @@ def _configure_torch(settings: Settings) -> None:
 def create_app(settings: Settings | None = None, peers: Peers | None = None) -> FastAPI:
     """The app; ``peers``: this process's role when it is one of ``WORKERS`` processes."""
     settings = settings or get_settings()
+    metrics = Metrics(peers.pids if peers is not None else None)
+    siblings = None
     if peers is not None:
         peers.record_pid()
-    metrics = Metrics(peers.pids if peers is not None else None)
-    # mapped for the process's life: a forward thread that outlives a timed-out drain still
-    # writes to it
-    siblings = peers.forward_board() if peers is not None else None
+        # mapped for the process's life: a forward thread that outlives a timed-out drain
+        # still writes to it
+        siblings = peers.forward_board()
     registry = Registry(settings, metrics, siblings)
 
     @asynccontextmanager

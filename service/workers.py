@@ -351,9 +351,6 @@ class ForwardBoard:
             self.SLOT.pack_into(self._page, self.index * self.SLOT.size, now_running + running,
                                 (now_started + started) & 0xFFFFFFFF)  # fmt: skip
 
-    def close(self) -> None:
-        self._page.close()
-
 
 class _UnixConnection(http.client.HTTPConnection):
     """HTTP/1.1 to a sibling's Unix socket."""
